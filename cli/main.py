@@ -1,0 +1,399 @@
+"""The ``zenflow`` command.
+
+Exit codes: 0 success; 1 the run failed or the engine rejected the request; 2 invalid
+command line; 3 configuration, broker or database error; 4 timed out; 5 run not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from zenflow.config import Settings, app_modules_from_env, redact_url
+from zenflow.errors import (
+    ConfigurationError,
+    DefinitionError,
+    RequestRejected,
+    RunFailed,
+    RunNotFound,
+    RunTimeout,
+    SerializationError,
+    StoreError,
+    TransportError,
+    ZenflowError,
+)
+
+EXIT_FAILED = 1
+EXIT_CONFIGURATION = 3
+EXIT_TIMEOUT = 4
+EXIT_NOT_FOUND = 5
+
+app = typer.Typer(
+    name="zenflow",
+    help="Durable workflows as Python generators, over RabbitMQ and a relational database.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    epilog=(
+        "Examples: zenflow db upgrade; zenflow engine --app shop; zenflow agent --app shop; "
+        "zenflow start OrderWorkflow '[\"A-17\", 4200]' --wait; zenflow runs list"
+    ),
+)
+runs_app = typer.Typer(help="Inspect runs and their history.", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the history database.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(db_app, name="db")
+
+AmqpUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--amqp-url",
+        help="RabbitMQ URL. Default: ZENFLOW_AMQP_URL, else amqp://guest:guest@localhost:5672/.",
+        show_default=False,
+    ),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="History database URL. Default: ZENFLOW_DATABASE_URL, else sqlite:///zenflow.db.",
+        show_default=False,
+    ),
+]
+Namespace = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        help="Prefix of exchange and queue names. Default: ZENFLOW_NAMESPACE, else zenflow.",
+        show_default=False,
+    ),
+]
+Apps = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--app",
+        help="Module that defines tasks and workflows; repeat for several. Default: ZENFLOW_APP.",
+        show_default=False,
+    ),
+]
+LogLevel = Annotated[
+    str | None,
+    typer.Option("--log-level", help="debug, info, warning or error. Default: ZENFLOW_LOG_LEVEL, else info."),
+]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {redact_url(message)}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def clear_errors() -> Iterator[None]:
+    """Turn zenflow errors into one line on stderr and a documented exit code."""
+    try:
+        yield
+    except RunFailed as error:
+        fail(str(error), EXIT_FAILED)
+    except RequestRejected as error:
+        fail(f"the engine rejected the request ({error.code}): {error}", EXIT_FAILED)
+    except RunTimeout as error:
+        fail(str(error), EXIT_TIMEOUT)
+    except RunNotFound as error:
+        fail(str(error), EXIT_NOT_FOUND)
+    except (ConfigurationError, TransportError, StoreError) as error:
+        fail(str(error), EXIT_CONFIGURATION)
+    except (DefinitionError, SerializationError, TypeError) as error:
+        fail(str(error), EXIT_FAILED)
+    except ZenflowError as error:
+        fail(str(error), EXIT_FAILED)
+
+
+def _settings(amqp_url: str | None = None, database_url: str | None = None,
+              namespace: str | None = None) -> Settings:
+    return Settings.load(amqp_url=amqp_url, database_url=database_url, namespace=namespace)
+
+
+# Long-running processes.
+
+
+def _serve(make_service: Callable[[], Any], log_level: str | None) -> None:
+    from zenflow.logs import configure_logging
+
+    configure_logging(log_level)
+    service = make_service()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_signal() -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                # A second signal stops at once; unacknowledged messages return to the queue.
+                os._exit(128 + signal.SIGTERM)
+            stop.set()
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, on_signal)
+        await service.run(stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def engine(
+    app_modules: Apps = None,
+    amqp_url: AmqpUrl = None,
+    database_url: DatabaseUrl = None,
+    namespace: Namespace = None,
+    cache_size: Annotated[
+        int, typer.Option(help="Maximum number of live workflow generators kept in memory.", min=0)
+    ] = 10_000,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Largest accepted start request body, in bytes.", min=1024)
+    ] = 1024 * 1024,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Database worker threads. Default: 1 on SQLite, 4 on PostgreSQL.", min=1),
+    ] = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run the engine: start runs, record results, drive workflows. Stop with SIGTERM."""
+    from engine.service import EngineOptions, EngineService
+    from zenflow.registry import load_registry
+
+    with clear_errors():
+        settings = _settings(amqp_url, database_url, namespace)
+        registry = load_registry(app_modules_from_env(app_modules))
+        if not registry.workflows:
+            raise ConfigurationError(
+                f"no workflows found in {', '.join(registry.modules)}: define Workflow "
+                "subclasses or @workflow functions there"
+            )
+        options = EngineOptions(
+            settings=settings,
+            cache_size=cache_size,
+            max_request_bytes=max_request_bytes,
+            workers=workers,
+        )
+        _serve(lambda: EngineService(options, registry), log_level)
+
+
+@app.command()
+def agent(
+    app_modules: Apps = None,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", help="Task queue to consume; repeat for several. Default: every queue of the app's tasks."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(help="Tasks run at the same time (and messages prefetched).", min=1)
+    ] = 8,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run an agent: execute tasks from the queues and publish results. Stop with SIGTERM."""
+    from agent.service import AgentOptions, AgentService
+    from zenflow.registry import load_registry
+
+    with clear_errors():
+        settings = _settings(amqp_url, None, namespace)
+        registry = load_registry(app_modules_from_env(app_modules))
+        options = AgentOptions(settings=settings, queues=tuple(queue or ()), concurrency=concurrency)
+        service = AgentService(options, registry)
+        _serve(lambda: service, log_level)
+
+
+@app.command()
+def start(
+    workflow: Annotated[str, typer.Argument(help="Name of the workflow to start.")],
+    args_json: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[ARGS_JSON]",
+            help='Arguments as JSON: an array of positional arguments, e.g. \'["A-17", 4200]\', or an object of keyword arguments.',
+        ),
+    ] = None,
+    business_id: Annotated[
+        str | None, typer.Option("--id", help="Business id of the run, e.g. order-A-17.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish and print its result.")] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the engine's reply, and with --wait for the run.", min=0.1)
+    ] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+) -> None:
+    """Start a run of WORKFLOW and print its run id."""
+    from cli.render import to_json
+    from zenflow.client import Client
+
+    args, kwargs = parse_arguments(args_json)
+    with clear_errors():
+        settings = _settings(amqp_url, None, namespace)
+        with Client(settings.amqp_url, namespace=settings.namespace) as client:
+            try:
+                run_id = client.start(
+                    workflow, *args, business_id=business_id,
+                    reply_timeout=min(timeout, 15.0), **kwargs,
+                )
+            except RunTimeout:
+                typer.echo(
+                    "warning: no engine replied; the request stays queued until an engine "
+                    "takes it",
+                    err=True,
+                )
+                if wait:
+                    raise
+                return
+            if not wait:
+                typer.echo(to_json({"run_id": run_id}) if as_json else run_id)
+                return
+            try:
+                result = client.wait(run_id, timeout=timeout)
+            except RunFailed as error:
+                if as_json:
+                    typer.echo(to_json({"run_id": run_id, "status": "failed", "error": error.error}))
+                    raise typer.Exit(EXIT_FAILED) from None
+                raise
+            if as_json:
+                typer.echo(to_json({"run_id": run_id, "status": "completed", "result": result}))
+            else:
+                typer.echo(run_id)
+                typer.echo(to_json(result))
+
+
+def parse_arguments(args_json: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """Parse ARGS_JSON into positional and keyword arguments, or exit with a clear error."""
+    if args_json is None or not args_json.strip():
+        return [], {}
+    try:
+        value = json.loads(args_json)
+    except ValueError as error:
+        fail(
+            f"invalid ARGS_JSON {args_json!r}: {error}. Pass a JSON array such as "
+            "'[\"A-17\", 4200]' or an object such as '{\"order_id\": \"A-17\"}'",
+            2,
+        )
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    fail(
+        f"invalid ARGS_JSON {args_json!r}: expected a JSON array of positional arguments or an "
+        f"object of keyword arguments, not a {type(value).__name__}",
+        2,
+    )
+
+
+# Runs.
+
+
+class Status(enum.StrEnum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+
+
+@contextmanager
+def _session(database_url: str | None) -> Iterator[Any]:
+    from engine.store.database import check_schema, create_database_engine, translate_errors
+
+    settings = _settings(database_url=database_url)
+    database = create_database_engine(settings.database_url)
+    try:
+        check_schema(database, settings.database_url)
+        with translate_errors(settings.database_url), database.connect() as connection:
+            from sqlalchemy.orm import Session
+
+            with Session(connection) as session:
+                yield session
+    finally:
+        database.dispose()
+
+
+@runs_app.command("list")
+def runs_list(
+    status: Annotated[Status | None, typer.Option(help="Show only runs with this status.")] = None,
+    workflow: Annotated[str | None, typer.Option(help="Show only runs of this workflow.")] = None,
+    limit: Annotated[int, typer.Option(help="Maximum number of runs shown, newest first.", min=1)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array instead of a table.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List runs, newest first."""
+    from cli.render import runs_table, to_json
+    from engine.store.queries import list_runs, view_run
+
+    with clear_errors(), _session(database_url) as session:
+        runs = [
+            view_run(run)
+            for run in list_runs(
+                session, status=status.value if status else None, workflow=workflow, limit=limit
+            )
+        ]
+        if as_json:
+            typer.echo(to_json([run.to_dict() for run in runs]))
+        else:
+            typer.echo(runs_table(runs))
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id or business id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run, history and attempts as JSON.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Show a run and the timeline of its history, with durations and errors."""
+    from cli.render import run_document, run_timeline, to_json
+    from engine.store.queries import attempts_of, find_run, history_of, view_run
+
+    with clear_errors(), _session(database_url) as session:
+        run = find_run(session, run_id)
+        if run is None:
+            raise RunNotFound(f"no run has the id or business id {run_id!r}")
+        view = view_run(run)
+        history = history_of(session, run.id)
+        attempts = attempts_of(session, run.id)
+        if as_json:
+            typer.echo(to_json(run_document(view, history, attempts)))
+        else:
+            typer.echo(run_timeline(view, history, attempts))
+
+
+# Database.
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseUrl = None) -> None:
+    """Create or migrate the history database to the latest schema."""
+    from engine.store.database import upgrade
+
+    with clear_errors():
+        settings = _settings(database_url=database_url)
+        before, after = upgrade(settings.database_url)
+        shown = redact_url(settings.database_url)
+        if before == after:
+            typer.echo(f"database {shown} is up to date (revision {after})")
+        else:
+            typer.echo(f"database {shown} upgraded from {before or 'empty'} to revision {after}")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,517 @@
+"""The engine process: consumes start requests and task results, publishes task messages.
+
+Message handling, for each delivery:
+
+1. decode and validate (invalid messages are acknowledged, logged and, if the sender asked
+   for a reply, answered with an error; they are never requeued);
+2. run the transaction in a worker thread (:mod:`engine.processor`);
+3. publish the committed outbox messages with publisher confirms, then the reply and the
+   run-finished notification;
+4. acknowledge the delivery.
+
+A crash at any point repeats at most the work after the last commit: a redelivered start
+or result is recognised as a duplicate, and outbox messages left behind are published again
+by the sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import fcntl
+import functools
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import aio_pika
+import aio_pika.abc
+import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from engine.cache import ExecutionCache
+from engine.processor import Effects, Processor
+from engine.store.database import (
+    check_schema,
+    create_database_engine,
+    parse_database_url,
+    session_factory,
+)
+from engine.store.models import OutboxMessage
+from zenflow import _aio, protocol, serializer
+from zenflow.config import Settings, redact_url
+from zenflow.errors import ConfigurationError, StoreError
+from zenflow.registry import Registry
+
+log = structlog.get_logger("engine")
+
+T = TypeVar("T")
+
+# Seconds between deletions of confirmed outbox rows, and between sweeps for rows that no
+# publish is handling (left by a crash, or by a publish that failed).
+OUTBOX_FLUSH_INTERVAL = 0.5
+OUTBOX_SWEEP_INTERVAL = 5.0
+OUTBOX_SWEEP_MIN_AGE = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Settings of one engine process."""
+
+    settings: Settings
+    cache_size: int = 10_000
+    max_request_bytes: int = protocol.DEFAULT_MAX_REQUEST_BYTES
+    prefetch: int = 200
+    workers: int | None = None  # database threads; default 1 on SQLite, 4 on PostgreSQL
+    shutdown_timeout: float = 30.0
+
+
+class EngineService:
+    def __init__(self, options: EngineOptions, registry: Registry) -> None:
+        self.options = options
+        self.settings = options.settings
+        self.registry = registry
+        self.topology = protocol.Topology(self.settings.namespace)
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self._run_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._confirmed_outbox: list[int] = []
+        self._publishing_outbox: set[int] = set()
+        self._declared_queues: set[str] = set()
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._lock_file: IO[str] | None = None
+        self.stats = {"runs_started": 0, "results": 0, "duplicates": 0, "rejected": 0}
+
+    # Lifecycle.
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain in-flight messages and close."""
+        self._open_store()
+        try:
+            await self._serve(stop)
+        finally:
+            self._close_store()
+
+    def _open_store(self) -> None:
+        url = self.settings.database_url
+        parsed = parse_database_url(url)
+        is_sqlite = parsed.get_backend_name() == "sqlite"
+        if is_sqlite:
+            self._lock_sqlite(parsed.database or "")
+        self.database = create_database_engine(url, immediate_transactions=True)
+        check_schema(self.database, url)
+        workers = self.options.workers or (1 if is_sqlite else 4)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-db")
+        self.cache = ExecutionCache(self.options.cache_size)
+        self.processor = Processor(
+            session_factory(self.database),
+            self.registry,
+            self.cache,
+            self.topology,
+            lock_rows=not is_sqlite,
+        )
+
+    def _lock_sqlite(self, database: str) -> None:
+        """Hold an exclusive lock beside the SQLite file: one engine per SQLite database."""
+        if not database or database == ":memory:":
+            return
+        path = Path(database).expanduser().resolve()
+        lock_path = path.with_name(path.name + ".engine-lock")
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigurationError(
+                f"another engine ({holder}) is already running against SQLite database {path}; "
+                "SQLite supports one engine on one machine, so use PostgreSQL "
+                "(--database-url postgresql://...) to run several engines"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(self.identity)
+        handle.flush()
+        self._lock_file = handle
+
+    def _close_store(self) -> None:
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+        database = getattr(self, "database", None)
+        if database is not None:
+            database.dispose()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        connection = await _aio.connect(
+            self.settings.amqp_url, name=f"zenflow engine {self.identity}"
+        )
+        try:
+            self.publish_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            consume_channel = await connection.channel()
+            await consume_channel.set_qos(prefetch_count=self.options.prefetch)
+            declared = await _aio.declare_entry(self.publish_channel, self.topology)
+            self.runs_exchange = declared["runs_exchange"]
+            requests = await consume_channel.get_queue(self.topology.requests_queue)
+            results = await consume_channel.get_queue(self.topology.results_queue)
+
+            await self._publish_leftover_outbox()
+            request_tag = await requests.consume(self._tracked(self._on_request))
+            result_tag = await results.consume(self._tracked(self._on_result))
+            log.info(
+                "engine_started",
+                engine=self.identity,
+                namespace=self.settings.namespace,
+                workflows=sorted(self.registry.workflows),
+                database=redact_url(self.settings.database_url),
+                cache_size=self.options.cache_size,
+            )
+            background = [
+                asyncio.create_task(self._flush_outbox_forever()),
+                asyncio.create_task(self._sweep_outbox_forever()),
+            ]
+            await stop.wait()
+
+            log.info("engine_stopping", in_flight=len(self._in_flight))
+            await requests.cancel(request_tag)
+            await results.cancel(result_tag)
+            await self._drain()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._flush_outbox()
+        finally:
+            await connection.close()
+        log.info("engine_stopped", **self.stats)
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.wait(list(self._in_flight), timeout=deadline - time.monotonic())
+        if self._in_flight:
+            log.warning("engine_drain_timed_out", in_flight=len(self._in_flight))
+
+    def _tracked(
+        self, handler: Callable[[aio_pika.abc.AbstractIncomingMessage], Any]
+    ) -> Callable[[aio_pika.abc.AbstractIncomingMessage], Any]:
+        """Wrap a consumer callback so that shutdown waits for it and a channel close
+        (which cancels consumer tasks) does not interrupt a handler half-way."""
+
+        async def consume(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            task = asyncio.create_task(handler(message))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+            await asyncio.shield(task)
+
+        return consume
+
+    # Start requests and queries.
+
+    async def _on_request(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        with structlog.contextvars.bound_contextvars(message_id=message.message_id):
+            try:
+                body = protocol.decode_body(
+                    message.body, message.content_type, self.options.max_request_bytes
+                )
+                request = protocol.parse_request(body)
+                if isinstance(request, protocol.StartRequest):
+                    await self._start(message, request)
+                else:
+                    await self._get_run(message, request)
+            except protocol.InvalidMessage as error:
+                self.stats["rejected"] += 1
+                log.warning(
+                    "request_rejected",
+                    reason=str(error),
+                    code=error.code,
+                    field=error.field,
+                    reply_to=message.reply_to,
+                )
+                await self._reply(message, {"ok": False, "error": error.to_error()})
+            except (OperationalError, DBAPIError, StoreError) as error:
+                await self._retry_later(message, error)
+                return
+            except Exception as error:
+                log.error("request_failed", error=_aio.describe(error), exc_info=True)
+                await self._reply(
+                    message,
+                    {"ok": False, "error": {"code": "internal_error", "message": str(error)}},
+                )
+            await _ack(message)
+
+    async def _start(
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.StartRequest
+    ) -> None:
+        definition = self.registry.workflows.get(request.workflow)
+        if definition is None:
+            known = ", ".join(sorted(self.registry.workflows)) or "none"
+            raise protocol.InvalidMessage(
+                "unknown_workflow",
+                f"unknown workflow {request.workflow!r}; this engine runs: {known}",
+                "workflow",
+            )
+        try:
+            definition.check_arguments(request.args, request.kwargs)
+        except TypeError as error:
+            raise protocol.InvalidMessage("invalid_arguments", str(error), "args") from None
+        run_id = request.run_id
+        if run_id is None:
+            run_id = (
+                protocol.run_id_from_message_id(message.message_id)
+                if message.message_id
+                else protocol.new_run_id()
+            )
+        with structlog.contextvars.bound_contextvars(run_id=run_id, workflow=request.workflow):
+            async with self._run_lock(run_id):
+                effects = await self._in_thread(self.processor.start_run, request, run_id)
+            if effects.duplicate:
+                log.info("start_duplicate_ignored")
+            else:
+                self.stats["runs_started"] += 1
+                log.info("run_started", business_id=request.business_id)
+            await self._publish_effects(effects)
+            await self._reply(
+                message, {"ok": True, "run_id": run_id, "duplicate": effects.duplicate}
+            )
+
+    async def _get_run(
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.GetRunRequest
+    ) -> None:
+        run = await self._in_thread(self.processor.get_run, request.run_id, request.business_id)
+        if run is None:
+            wanted = request.run_id or request.business_id
+            raise protocol.InvalidMessage(
+                "run_not_found", f"no run has the id or business id {wanted!r}", "run_id"
+            )
+        await self._reply(message, {"ok": True, "run": run})
+
+    # Task results.
+
+    async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            result = protocol.TaskResult.from_body(serializer.decode(message.body))
+        except (protocol.InvalidMessage, Exception) as error:
+            log.warning(
+                "result_rejected",
+                reason=_aio.describe(error),
+                correlation_id=message.correlation_id,
+            )
+            await _ack(message)
+            return
+        context = {
+            "run_id": result.run_id,
+            "workflow": result.workflow,
+            "step": result.step,
+            "attempt": result.attempt,
+        }
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                async with self._run_lock(result.run_id):
+                    effects = await self._in_thread(self.processor.record_result, result)
+            except (OperationalError, DBAPIError, StoreError) as error:
+                await self._retry_later(message, error)
+                return
+            except Exception as error:
+                log.error("result_failed", error=_aio.describe(error), exc_info=True)
+                effects = Effects(run_id=result.run_id)
+                with contextlib.suppress(Exception):
+                    effects.finished = await self._in_thread(
+                        self.processor.fail_run, result.run_id, error
+                    )
+            self.stats["results"] += 1
+            self._log_result(result, effects)
+            await self._publish_effects(effects)
+            await _ack(message)
+
+    def _log_result(self, result: protocol.TaskResult, effects: Effects) -> None:
+        if effects.duplicate:
+            self.stats["duplicates"] += 1
+            log.info("duplicate_result_ignored")
+        elif effects.ignored is not None:
+            log.warning("result_ignored", reason=effects.ignored)
+        elif result.ok:
+            log.info("task_completed", agent=result.agent)
+        else:
+            error = result.error or {}
+            log.info(
+                "task_failed",
+                agent=result.agent,
+                error_type=error.get("type"),
+                error=error.get("message"),
+            )
+
+    # Publishing.
+
+    async def _publish_effects(self, effects: Effects) -> None:
+        for row in effects.outbox:
+            await self._publish_outbox_row(row)
+        if effects.finished is not None:
+            await self._notify_finished(effects.finished)
+
+    async def _publish_outbox_row(self, row: OutboxMessage) -> None:
+        self._publishing_outbox.add(row.id)
+        try:
+            if row.routing_key not in self._declared_queues:
+                await self.publish_channel.declare_queue(row.routing_key, durable=True)
+                self._declared_queues.add(row.routing_key)
+            properties = json.loads(row.properties)
+            message = aio_pika.Message(
+                row.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties
+            )
+            await self.publish_channel.default_exchange.publish(
+                message, row.routing_key, mandatory=True
+            )
+        except _aio.CONNECTION_ERRORS as error:
+            # The sweeper publishes the row again once the connection is back.
+            log.warning(
+                "publish_failed", run_id=row.run_id, queue=row.routing_key,
+                error=_aio.describe(error),
+            )
+            return
+        finally:
+            self._publishing_outbox.discard(row.id)
+        self._confirmed_outbox.append(row.id)
+        log.debug("task_published", run_id=row.run_id, queue=row.routing_key)
+
+    async def _notify_finished(self, run: dict[str, Any]) -> None:
+        status = run["status"]
+        with structlog.contextvars.bound_contextvars(run_id=run["run_id"], workflow=run["workflow"]):
+            if status == "completed":
+                log.info("run_completed")
+            else:
+                error = run.get("error") or {}
+                log.info("run_failed", error_type=error.get("type"), error=error.get("message"))
+        body = serializer.encode({"version": protocol.VERSION, "type": "run_finished", **run})
+        message = aio_pika.Message(
+            body,
+            content_type=protocol.MSGPACK_CONTENT_TYPE,
+            type="run_finished",
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self.runs_exchange.publish(
+                message, self.topology.run_finished_key(status, run["run_id"]), mandatory=False
+            )
+        except _aio.CONNECTION_ERRORS as error:
+            log.warning("notify_failed", run_id=run["run_id"], error=_aio.describe(error))
+
+    async def _reply(self, message: aio_pika.abc.AbstractIncomingMessage, body: dict[str, Any]) -> None:
+        if not message.reply_to:
+            return
+        payload, content_type = protocol.encode_body(
+            {"version": protocol.VERSION, "type": "reply", **body}, message.content_type
+        )
+        reply = aio_pika.Message(
+            payload, content_type=content_type, correlation_id=message.correlation_id
+        )
+        try:
+            await self.publish_channel.default_exchange.publish(
+                reply, message.reply_to, mandatory=False
+            )
+        except _aio.CONNECTION_ERRORS as error:
+            log.warning("reply_failed", reply_to=message.reply_to, error=_aio.describe(error))
+
+    # Outbox maintenance.
+
+    async def _publish_leftover_outbox(self) -> None:
+        after = 0
+        total = 0
+        while True:
+            rows = await self._in_thread(self.processor.pending_outbox, 1000, after)
+            if not rows:
+                break
+            for row in rows:
+                await self._publish_outbox_row(row)
+            total += len(rows)
+            after = rows[-1].id
+        if total:
+            log.info("outbox_republished", messages=total)
+
+    async def _flush_outbox(self) -> None:
+        ids, self._confirmed_outbox = self._confirmed_outbox, []
+        if not ids:
+            return
+        try:
+            await self._in_thread(self.processor.delete_outbox, ids)
+        except (OperationalError, DBAPIError, StoreError) as error:
+            self._confirmed_outbox.extend(ids)
+            log.warning("outbox_flush_failed", error=_aio.describe(error))
+
+    async def _flush_outbox_forever(self) -> None:
+        while True:
+            await asyncio.sleep(OUTBOX_FLUSH_INTERVAL)
+            await self._flush_outbox()
+
+    async def _sweep_outbox_forever(self) -> None:
+        while True:
+            await asyncio.sleep(OUTBOX_SWEEP_INTERVAL)
+            try:
+                rows = await self._in_thread(self.processor.pending_outbox, 1000, 0)
+            except (OperationalError, DBAPIError, StoreError) as error:
+                log.warning("outbox_sweep_failed", error=_aio.describe(error))
+                continue
+            cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
+            pending = set(self._confirmed_outbox) | self._publishing_outbox
+            stale = [
+                row for row in rows
+                if row.id not in pending and row.created_at.timestamp() < cutoff
+            ]
+            for row in stale:
+                await self._publish_outbox_row(row)
+            if stale:
+                log.info("outbox_swept", messages=len(stale))
+
+    # Helpers.
+
+    @contextlib.asynccontextmanager
+    async def _run_lock(self, run_id: str) -> Any:
+        """Serialise the handling of one run's messages within this process."""
+        lock, users = self._run_locks.get(run_id, (asyncio.Lock(), 0))
+        self._run_locks[run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._run_locks[run_id]
+            if users == 1:
+                del self._run_locks[run_id]
+            else:
+                self._run_locks[run_id] = (lock, users - 1)
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, functools.partial(context.run, function, *args)
+        )
+
+    async def _retry_later(
+        self, message: aio_pika.abc.AbstractIncomingMessage, error: BaseException
+    ) -> None:
+        """Requeue a message after a pause, for errors that pass (database unreachable)."""
+        log.warning(
+            "database_unavailable", error=redact_url(_aio.describe(error)), retry_in_seconds=2
+        )
+        await asyncio.sleep(2)
+        with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+            await message.nack(requeue=True)
+
+
+async def _ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    # The channel may have closed meanwhile; the broker then redelivers the message and the
+    # engine recognises it as a duplicate.
+    with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+        await message.ack()
+

@@ -1,0 +1,129 @@
+"""Read access to runs, history and attempts, for the engine's replies and for the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from engine.store.models import Attempt, HistoryEntry, Run
+from zenflow import serializer
+from zenflow.errors import SerializationError
+
+FINISHED_STATUSES = ("completed", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunView:
+    """A run as shown to users: decoded input, result and error."""
+
+    run_id: str
+    workflow: str
+    business_id: str | None
+    status: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    result: Any
+    error: dict[str, Any] | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+    steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "business_id": self.business_id,
+            "status": self.status,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "result": self.result,
+            "error": self.error,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+            "steps": self.steps,
+        }
+
+
+def view_run(run: Run) -> RunView:
+    args, kwargs = _decode_or_text(run.input, default=[[], {}])
+    return RunView(
+        run_id=run.id,
+        workflow=run.workflow,
+        business_id=run.business_id,
+        status=run.status,
+        args=args,
+        kwargs=kwargs,
+        result=None if run.result is None else _decode_or_text(run.result),
+        error=load_json(run.error),
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        finished_at=run.finished_at,
+        steps=run.next_step - 1,
+    )
+
+
+def find_run(session: Session, reference: str | None, *, business_id: str | None = None) -> Run | None:
+    """Return the run with run id ``reference``, or else the latest with that business id."""
+    if reference is not None:
+        run = session.get(Run, reference)
+        if run is not None:
+            return run
+    key = business_id if business_id is not None else reference
+    if key is None:
+        return None
+    statement = (
+        select(Run).where(Run.business_id == key).order_by(Run.created_at.desc()).limit(1)
+    )
+    return session.scalars(statement).first()
+
+
+def list_runs(
+    session: Session,
+    *,
+    status: str | None = None,
+    workflow: str | None = None,
+    limit: int = 50,
+) -> list[Run]:
+    statement = select(Run).order_by(Run.created_at.desc(), Run.id).limit(limit)
+    if status is not None:
+        statement = statement.where(Run.status == status)
+    if workflow is not None:
+        statement = statement.where(Run.workflow == workflow)
+    return list(session.scalars(statement))
+
+
+def history_of(session: Session, run_id: str) -> list[HistoryEntry]:
+    statement = select(HistoryEntry).where(HistoryEntry.run_id == run_id).order_by(HistoryEntry.seq)
+    return list(session.scalars(statement))
+
+
+def attempts_of(session: Session, run_id: str) -> list[Attempt]:
+    statement = (
+        select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.step, Attempt.attempt)
+    )
+    return list(session.scalars(statement))
+
+
+def load_json(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    loaded = json.loads(text)
+    return loaded if isinstance(loaded, dict) else {"message": str(loaded)}
+
+
+def dump_json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def _decode_or_text(data: bytes, default: Any = None) -> Any:
+    try:
+        return serializer.decode(data)
+    except SerializationError as error:
+        return default if default is not None else f"<undecodable: {error}>"

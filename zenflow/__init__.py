@@ -1,0 +1,53 @@
+"""zenflow: durable workflows as Python generators, over RabbitMQ and a relational database.
+
+User code imports everything from here::
+
+    from zenflow import Task, Workflow, task, workflow, Client
+"""
+
+from zenflow.client import Client, default_client
+from zenflow.commands import TaskCall
+from zenflow.context import current_run, get_logger
+from zenflow.errors import (
+    ConfigurationError,
+    DefinitionError,
+    NonDeterminismError,
+    RequestRejected,
+    RunFailed,
+    RunNotFound,
+    RunTimeout,
+    SerializationError,
+    StoreError,
+    TaskFailed,
+    TransportError,
+    ZenflowError,
+)
+from zenflow.task import Task, TaskFunction, task
+from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction, workflow
+
+__all__ = [
+    "Client",
+    "ConfigurationError",
+    "DefinitionError",
+    "NonDeterminismError",
+    "RequestRejected",
+    "RunFailed",
+    "RunNotFound",
+    "RunTimeout",
+    "SerializationError",
+    "StoreError",
+    "Task",
+    "TaskCall",
+    "TaskFailed",
+    "TaskFunction",
+    "TransportError",
+    "Workflow",
+    "WorkflowCall",
+    "WorkflowFunction",
+    "ZenflowError",
+    "current_run",
+    "default_client",
+    "get_logger",
+    "task",
+    "workflow",
+]

@@ -1,0 +1,88 @@
+"""Logic shared by the blocking and the asyncio client: building requests, reading replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zenflow import protocol, serializer
+from zenflow.errors import DefinitionError, RequestRejected, RunFailed, RunNotFound
+from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
+
+FINISHED_STATUSES = frozenset({"completed", "failed"})
+
+WorkflowRef = str | type[Workflow] | WorkflowFunction | WorkflowCall
+
+
+def build_start(
+    workflow: WorkflowRef,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    business_id: str | None,
+) -> tuple[protocol.StartRequest, bytes]:
+    """Validate what can be validated locally and return the request and its msgpack body.
+
+    A class or decorated function is checked against its signature here; a workflow given
+    by name is checked by the engine, which sends an error reply.
+
+    Raises:
+        TypeError: the arguments do not fit the workflow's signature.
+        SerializationError: an argument cannot be encoded; the message names its path.
+    """
+    name: str
+    if isinstance(workflow, str):
+        name = workflow
+    elif isinstance(workflow, WorkflowCall):
+        name, args, kwargs = workflow.name, workflow.args + args, {**workflow.kwargs, **kwargs}
+        business_id = business_id or workflow.business_id
+    elif isinstance(workflow, WorkflowFunction):
+        workflow(*args, **kwargs)  # checks the signature
+        name = workflow.workflow_name
+    elif isinstance(workflow, type) and issubclass(workflow, Workflow):
+        instance = workflow(*args, **kwargs)
+        name = workflow.workflow_name
+        business_id = business_id or instance.id()
+    else:
+        raise DefinitionError(
+            f"cannot start {workflow!r}: pass a workflow name, a Workflow subclass or a "
+            "function decorated with @workflow"
+        )
+    if business_id is not None and (
+        not isinstance(business_id, str) or len(business_id) > protocol.MAX_BUSINESS_ID_LENGTH
+    ):
+        raise DefinitionError(
+            f"invalid business id {business_id!r}: use a string of at most "
+            f"{protocol.MAX_BUSINESS_ID_LENGTH} characters"
+        )
+    request = protocol.StartRequest(
+        workflow=name,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        run_id=protocol.new_run_id(),
+        business_id=business_id,
+    )
+    body = request.to_body()
+    serializer.encode(body["args"], name="args")
+    serializer.encode(body["kwargs"], name="kwargs")
+    return request, serializer.encode(body)
+
+
+def read_reply(body: bytes) -> dict[str, Any]:
+    """Decode an engine reply and raise RequestRejected or RunNotFound when it is an error."""
+    reply = serializer.decode(body)
+    if not isinstance(reply, dict):
+        raise RequestRejected("invalid_reply", f"the engine sent an invalid reply: {reply!r}")
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        code = str(error.get("code", "error"))
+        message = str(error.get("message", "the engine rejected the request"))
+        if code == "run_not_found":
+            raise RunNotFound(message)
+        raise RequestRejected(code, message)
+    return reply
+
+
+def run_outcome(run: dict[str, Any]) -> Any:
+    """Return a finished run's result, or raise RunFailed with its stored error."""
+    if run["status"] == "failed":
+        raise RunFailed(run["run_id"], run.get("error") or {})
+    return run.get("result")

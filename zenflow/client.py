@@ -1,0 +1,310 @@
+"""The blocking client, built on pika, for web applications, scripts and tests.
+
+A :class:`Client` owns one AMQP connection and is not thread-safe; use one per thread, or
+:func:`default_client`, which keeps one per thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+
+from zenflow import protocol, serializer
+from zenflow._client_common import (
+    FINISHED_STATUSES,
+    WorkflowRef,
+    build_start,
+    read_reply,
+    run_outcome,
+)
+from zenflow.config import Settings, redact_url
+from zenflow.errors import RunTimeout, TransportError
+
+T = TypeVar("T")
+
+_CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    ConnectionError,
+    OSError,
+)
+
+
+class Client:
+    """Start runs and read their state over RabbitMQ, blocking the calling thread.
+
+    Parameters:
+        amqp_url: the broker URL; defaults to ``ZENFLOW_AMQP_URL``, then
+            ``amqp://guest:guest@localhost:5672/``.
+        namespace: the prefix of exchange and queue names; defaults to ``ZENFLOW_NAMESPACE``,
+            then ``zenflow``.
+        connect_timeout: seconds to wait for the broker when connecting.
+    """
+
+    def __init__(
+        self,
+        amqp_url: str | None = None,
+        *,
+        namespace: str | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.settings = Settings.load(amqp_url=amqp_url, namespace=namespace)
+        self.topology = protocol.Topology(self.settings.namespace)
+        self._connect_timeout = connect_timeout
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self._reply_queue: str | None = None
+        self._replies: dict[str, bytes] = {}
+        self._finished: dict[str, bytes] = {}
+
+    # Connection handling.
+
+    def _connect(self) -> Any:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self.close()
+        parameters = pika.URLParameters(self.settings.amqp_url)
+        parameters.socket_timeout = self._connect_timeout
+        parameters.blocked_connection_timeout = self._connect_timeout
+        try:
+            self._connection = pika.BlockingConnection(parameters)
+            channel = self._connection.channel()
+            channel.confirm_delivery()
+            _declare_entry(channel, self.topology)
+            result = channel.queue_declare("", exclusive=True, auto_delete=True)
+            self._reply_queue = result.method.queue
+            channel.basic_consume(self._reply_queue, self._on_message, auto_ack=True)
+        except _CONNECTION_ERRORS as error:
+            self.close()
+            raise TransportError(
+                f"cannot connect to RabbitMQ at {redact_url(self.settings.amqp_url)}: "
+                f"{_describe(error)}. Check that the broker is running and the URL is right"
+            ) from None
+        self._channel = channel
+        return channel
+
+    def _retrying(self, operation: Callable[[Any], T]) -> T:
+        """Run ``operation(channel)``, reconnecting once if the connection was lost."""
+        channel = self._connect()
+        try:
+            return operation(channel)
+        except _CONNECTION_ERRORS:
+            self.close()
+        channel = self._connect()
+        try:
+            return operation(channel)
+        except _CONNECTION_ERRORS as error:
+            self.close()
+            raise TransportError(
+                f"RabbitMQ at {redact_url(self.settings.amqp_url)} failed the request: "
+                f"{_describe(error)}"
+            ) from None
+
+    def close(self) -> None:
+        """Close the connection; the next call opens a new one."""
+        connection, self._connection, self._channel = self._connection, None, None
+        self._reply_queue = None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except _CONNECTION_ERRORS:
+                pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _on_message(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
+        if properties.type == "run_finished":
+            run = serializer.decode(body)
+            self._finished[str(run.get("run_id"))] = body
+        elif properties.correlation_id:
+            self._replies[properties.correlation_id] = body
+
+    # Requests.
+
+    def start(
+        self,
+        workflow: WorkflowRef,
+        *args: Any,
+        business_id: str | None = None,
+        reply_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Start a run of ``workflow`` and return its run id once the broker confirmed it.
+
+        ``workflow`` is a name (no import of the workflow's code needed), a Workflow
+        subclass or a function decorated with ``@workflow``. ``business_id`` and
+        ``reply_timeout`` are reserved and not passed to the workflow.
+
+        By default the request waits in RabbitMQ until an engine takes it, and problems
+        that only the engine can see (unknown workflow name, invalid arguments) fail the
+        run's start without telling the caller. With ``reply_timeout`` (seconds), the call
+        also waits for the engine's acceptance and raises ``RequestRejected`` for them.
+
+        Raises:
+            TypeError: the arguments do not fit a workflow given as class or function.
+            SerializationError: an argument cannot be encoded; the message names it.
+            TransportError: the broker is unreachable or did not confirm the message.
+            RequestRejected: (with ``reply_timeout``) the engine rejected the request.
+            RunTimeout: (with ``reply_timeout``) no engine replied in time; the request
+                stays queued and the run starts when an engine takes it.
+        """
+        request, body = build_start(workflow, args, kwargs, business_id)
+        assert request.run_id is not None
+        extra = {"delivery_mode": pika.DeliveryMode.Persistent, "message_id": request.run_id}
+        if reply_timeout is None:
+            self._publish_request(body, extra)
+        else:
+            self._call(body, reply_timeout, extra)
+        return request.run_id
+
+    def get_run(
+        self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Return the state of a run by run id or business id, as the engine stores it.
+
+        Raises:
+            RunNotFound: no run has that id.
+            RunTimeout: the engine did not reply within ``timeout`` seconds.
+        """
+        request = protocol.GetRunRequest(run_id=run_id, business_id=business_id)
+        reply = self._call(serializer.encode(request.to_body()), timeout)
+        run: dict[str, Any] = reply["run"]
+        return run
+
+    def wait(self, run_id: str, timeout: float | None = None) -> Any:
+        """Wait until the run finishes and return its result.
+
+        The engine announces finished runs on the runs exchange; the state is also polled
+        every few seconds, so that a notification lost to a reconnect only delays the return.
+
+        Raises:
+            RunFailed: the run failed; ``error`` holds the stored error.
+            RunTimeout: the run did not finish within ``timeout`` seconds (it goes on).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        binding = self.topology.run_finished_binding(run_id)
+        poll_interval = 1.0
+
+        def bind(channel: Any) -> None:
+            channel.queue_bind(self._reply_queue, self.topology.runs_exchange, binding)
+
+        try:
+            while True:
+                self._retrying(bind)
+                run = self.get_run(run_id, timeout=_remaining(deadline, 30.0))
+                next_poll = time.monotonic() + poll_interval
+                poll_interval = min(poll_interval * 2, 5.0)
+                while run["status"] not in FINISHED_STATUSES and time.monotonic() < next_poll:
+                    if run_id in self._finished:
+                        run = serializer.decode(self._finished.pop(run_id))
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise RunTimeout(f"run {run_id} did not finish within {timeout} seconds")
+                    self._process_events(deadline, min(0.5, next_poll - time.monotonic()))
+                if run["status"] in FINISHED_STATUSES:
+                    return run_outcome(run)
+        finally:
+            self._finished.pop(run_id, None)
+            if self._channel is not None and self._channel.is_open:
+                try:
+                    self._channel.queue_unbind(
+                        self._reply_queue, self.topology.runs_exchange, binding
+                    )
+                except _CONNECTION_ERRORS:
+                    self.close()
+
+    def run(
+        self,
+        workflow: WorkflowRef,
+        *args: Any,
+        timeout: float | None = None,
+        business_id: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Start a run, wait for it and return its result (see :meth:`start`, :meth:`wait`)."""
+        run_id = self.start(workflow, *args, business_id=business_id, **kwargs)
+        return self.wait(run_id, timeout=timeout)
+
+    def _publish_request(self, body: bytes, properties: dict[str, Any]) -> None:
+        def publish(channel: Any) -> None:
+            channel.basic_publish(
+                self.topology.engine_exchange,
+                self.topology.requests_routing_key,
+                body,
+                pika.BasicProperties(content_type=protocol.MSGPACK_CONTENT_TYPE, **properties),
+                mandatory=True,
+            )
+
+        self._retrying(publish)
+
+    def _call(
+        self, body: bytes, timeout: float, properties: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Publish a request with ``reply_to`` and wait for the engine's reply."""
+        correlation_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        self._connect()
+        self._publish_request(
+            body,
+            {
+                **(properties or {}),
+                "correlation_id": correlation_id,
+                "reply_to": self._reply_queue,
+            },
+        )
+        while correlation_id not in self._replies:
+            if time.monotonic() >= deadline:
+                raise RunTimeout(
+                    f"the engine did not reply within {timeout} seconds; is `zenflow engine` "
+                    f"running with namespace {self.settings.namespace!r}?"
+                )
+            self._process_events(deadline, 0.5)
+        return read_reply(self._replies.pop(correlation_id))
+
+    def _process_events(self, deadline: float | None, slice_seconds: float) -> None:
+        limit = slice_seconds if deadline is None else min(slice_seconds, deadline - time.monotonic())
+        self._retrying(lambda _channel: self._connection.process_data_events(max(0.0, limit)))
+
+
+def _remaining(deadline: float | None, default: float) -> float:
+    if deadline is None:
+        return default
+    return max(0.1, deadline - time.monotonic())
+
+
+def _declare_entry(channel: Any, topology: protocol.Topology) -> None:
+    """Declare the engine's entry exchange and queue, so that starts wait for an engine."""
+    channel.exchange_declare(topology.engine_exchange, "direct", durable=True)
+    channel.exchange_declare(topology.runs_exchange, "topic", durable=True)
+    channel.queue_declare(topology.requests_queue, durable=True)
+    channel.queue_bind(
+        topology.requests_queue, topology.engine_exchange, topology.requests_routing_key
+    )
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return redact_url(f"{type(error).__name__}: {text}" if str(error) else text)
+
+
+_local = threading.local()
+
+
+def default_client() -> Client:
+    """Return this thread's default client, configured from ``ZENFLOW_*`` variables."""
+    client = getattr(_local, "client", None)
+    if client is None:
+        client = Client()
+        _local.client = client
+    return client

@@ -1,0 +1,438 @@
+"""The AMQP topology and message schema (version 1) shared by clients, engine and agents.
+
+docs/protocol.md documents the same schema for programs in other languages. Every body is
+a map with ``version`` and ``type``. The engine's public entry accepts msgpack
+(``application/x-msgpack``, the default) and JSON (``application/json``); task messages and
+task results between the engine and agents are msgpack only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from zenflow import serializer
+from zenflow.errors import SerializationError, ZenflowError
+
+VERSION = 1
+JSON_CONTENT_TYPE = "application/json"
+MSGPACK_CONTENT_TYPE = serializer.CONTENT_TYPE
+
+# Bodies larger than this are rejected by the engine's public entry unless the engine is
+# configured otherwise; it bounds the memory one message can claim.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+
+# Business ids are indexed, so they have a bounded length.
+MAX_BUSINESS_ID_LENGTH = 255
+
+REQUEST_START = "start"
+REQUEST_GET_RUN = "get_run"
+REQUEST_TYPES = (REQUEST_START, REQUEST_GET_RUN)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Names of the exchanges and queues for one namespace."""
+
+    namespace: str
+
+    @property
+    def engine_exchange(self) -> str:
+        """Direct exchange of the engine's public entry."""
+        return f"{self.namespace}.engine"
+
+    @property
+    def requests_queue(self) -> str:
+        return f"{self.namespace}.engine.requests"
+
+    @property
+    def results_queue(self) -> str:
+        return f"{self.namespace}.engine.results"
+
+    @property
+    def runs_exchange(self) -> str:
+        """Topic exchange on which the engine announces finished runs."""
+        return f"{self.namespace}.runs"
+
+    requests_routing_key = "requests"
+    results_routing_key = "results"
+
+    def task_queue(self, queue: str) -> str:
+        """AMQP queue name of the task queue ``queue``."""
+        return f"{self.namespace}.tasks.{queue}"
+
+    @staticmethod
+    def run_finished_key(status: str, run_id: str) -> str:
+        return f"run.{status}.{run_id}"
+
+    @staticmethod
+    def run_finished_binding(run_id: str) -> str:
+        return f"run.*.{run_id}"
+
+
+class InvalidMessage(ZenflowError):
+    """A message that does not follow the schema; ``code`` and ``field`` say why."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+    def to_error(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": str(self)}
+        if self.field is not None:
+            error["field"] = self.field
+        return error
+
+
+@dataclasses.dataclass(frozen=True)
+class StartRequest:
+    workflow: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    run_id: str | None = None
+    business_id: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "version": VERSION,
+            "type": REQUEST_START,
+            "workflow": self.workflow,
+            "args": list(self.args),
+            "kwargs": self.kwargs,
+        }
+        if self.run_id is not None:
+            body["run_id"] = self.run_id
+        if self.business_id is not None:
+            body["business_id"] = self.business_id
+        return body
+
+
+@dataclasses.dataclass(frozen=True)
+class GetRunRequest:
+    run_id: str | None = None
+    business_id: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"version": VERSION, "type": REQUEST_GET_RUN}
+        if self.run_id is not None:
+            body["run_id"] = self.run_id
+        if self.business_id is not None:
+            body["business_id"] = self.business_id
+        return body
+
+
+Request = StartRequest | GetRunRequest
+
+
+def decode_body(body: bytes, content_type: str | None, max_bytes: int | None = None) -> Any:
+    """Decode a body as JSON or msgpack according to ``content_type``.
+
+    Raises:
+        InvalidMessage: the body is too large, or does not decode.
+    """
+    if max_bytes is not None and len(body) > max_bytes:
+        raise InvalidMessage(
+            "body_too_large",
+            f"message body of {len(body)} bytes exceeds the limit of {max_bytes} bytes",
+        )
+    if is_json(content_type):
+        try:
+            return json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise InvalidMessage("invalid_body", f"body is not valid JSON: {error}") from None
+    if content_type not in (None, "", MSGPACK_CONTENT_TYPE):
+        raise InvalidMessage(
+            "invalid_body",
+            f"unsupported content type {content_type!r}: use {MSGPACK_CONTENT_TYPE} or "
+            f"{JSON_CONTENT_TYPE}",
+        )
+    try:
+        return serializer.decode(body)
+    except SerializationError as error:
+        raise InvalidMessage("invalid_body", str(error)) from None
+
+
+def is_json(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.split(";")[0].strip() == JSON_CONTENT_TYPE
+
+
+def parse_request(body: Any) -> Request:
+    """Validate a decoded body of the engine's public entry and return the request.
+
+    Raises:
+        InvalidMessage: a field is missing or invalid; the error names it.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidMessage(
+            "invalid_body", f"body must be a map, not {type(body).__name__}", None
+        )
+    _check_version(body)
+    kind = body.get("type")
+    if kind == REQUEST_START:
+        return _parse_start(body)
+    if kind == REQUEST_GET_RUN:
+        run_id, business_id = _parse_run_reference(body)
+        return GetRunRequest(run_id=run_id, business_id=business_id)
+    if kind is None:
+        raise InvalidMessage("missing_field", "missing field 'type'", "type")
+    raise InvalidMessage(
+        "invalid_field",
+        f"unknown request type {_short(kind)}: expected one of {', '.join(REQUEST_TYPES)}",
+        "type",
+    )
+
+
+def _check_version(body: Mapping[str, Any]) -> None:
+    version = body.get("version")
+    if version is None:
+        raise InvalidMessage("missing_field", "missing field 'version' (use 1)", "version")
+    if version != VERSION or isinstance(version, bool):
+        raise InvalidMessage(
+            "unsupported_version",
+            f"unsupported schema version {_short(version)}: this engine speaks version {VERSION}",
+            "version",
+        )
+
+
+def _parse_start(body: Mapping[str, Any]) -> StartRequest:
+    workflow = body.get("workflow")
+    if workflow is None:
+        raise InvalidMessage("missing_field", "missing field 'workflow'", "workflow")
+    if not isinstance(workflow, str) or not workflow:
+        raise InvalidMessage(
+            "invalid_field", f"field 'workflow' must be a non-empty string, not {_short(workflow)}",
+            "workflow",
+        )
+    args = body.get("args", [])
+    if not isinstance(args, list | tuple):
+        raise InvalidMessage(
+            "invalid_field", f"field 'args' must be an array, not {type(args).__name__}", "args"
+        )
+    kwargs = body.get("kwargs", {})
+    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+        raise InvalidMessage(
+            "invalid_field", "field 'kwargs' must be a map with string keys", "kwargs"
+        )
+    run_id = _optional_id(body, "run_id")
+    business_id = _optional_string(body, "business_id", MAX_BUSINESS_ID_LENGTH)
+    return StartRequest(workflow, tuple(args), dict(kwargs), run_id, business_id)
+
+
+def _parse_run_reference(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    run_id = _optional_id(body, "run_id")
+    business_id = _optional_string(body, "business_id", MAX_BUSINESS_ID_LENGTH)
+    if run_id is None and business_id is None:
+        raise InvalidMessage("missing_field", "missing field 'run_id' or 'business_id'", "run_id")
+    return run_id, business_id
+
+
+def _optional_id(body: Mapping[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _RUN_ID.match(value):
+        raise InvalidMessage(
+            "invalid_field",
+            f"field {field!r} must be 1 to 64 letters, digits, '_' or '-', not {_short(value)}",
+            field,
+        )
+    return value
+
+
+def _optional_string(body: Mapping[str, Any], field: str, max_length: int) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidMessage(
+            "invalid_field", f"field {field!r} must be a non-empty string, not {_short(value)}", field
+        )
+    if len(value) > max_length:
+        raise InvalidMessage(
+            "invalid_field",
+            f"field {field!r} is {len(value)} characters long; the limit is {max_length}",
+            field,
+        )
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
+
+
+def run_id_from_message_id(message_id: str) -> str:
+    """Derive a run id from an AMQP message id, so that a redelivered start is idempotent."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"zenflow:start:{message_id}"))
+
+
+# Task messages and results, between the engine and agents.
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMessage:
+    run_id: str
+    workflow: str
+    step: int
+    attempt: int
+    task: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "type": "task",
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "step": self.step,
+            "attempt": self.attempt,
+            "task": self.task,
+            "args": list(self.args),
+            "kwargs": self.kwargs,
+        }
+
+    @property
+    def correlation_id(self) -> str:
+        return f"{self.run_id}:{self.step}:{self.attempt}"
+
+    @classmethod
+    def from_body(cls, body: Any) -> TaskMessage:
+        fields = _require_map(body, "task")
+        return cls(
+            run_id=_require(fields, "run_id", str),
+            workflow=_require(fields, "workflow", str),
+            step=_require(fields, "step", int),
+            attempt=_require(fields, "attempt", int),
+            task=_require(fields, "task", str),
+            args=tuple(_require(fields, "args", list)),
+            kwargs=_require(fields, "kwargs", dict),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """The outcome of one task attempt, sent by the agent to the message's ``reply_to``."""
+
+    run_id: str
+    step: int
+    attempt: int
+    ok: bool
+    workflow: str = ""
+    value: Any = None
+    error: dict[str, Any] | None = None
+    agent: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "type": "task_result",
+            "run_id": self.run_id,
+            "step": self.step,
+            "attempt": self.attempt,
+            "workflow": self.workflow,
+            "ok": self.ok,
+            "value": self.value,
+            "error": self.error,
+            "agent": self.agent,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> TaskResult:
+        fields = _require_map(body, "task_result")
+        ok = _require(fields, "ok", bool)
+        error = fields.get("error")
+        if not ok:
+            if not isinstance(error, Mapping):
+                raise InvalidMessage("invalid_field", "a failed result needs an 'error' map", "error")
+            error = {
+                "type": str(error.get("type", "Error")),
+                "message": str(error.get("message", "")),
+                "traceback": str(error.get("traceback", "")),
+            }
+        return cls(
+            run_id=_require(fields, "run_id", str),
+            step=_require(fields, "step", int),
+            attempt=_require(fields, "attempt", int),
+            ok=ok,
+            workflow=str(fields.get("workflow") or ""),
+            value=fields.get("value"),
+            error=error if not ok else None,
+            agent=str(fields.get("agent") or ""),
+            started_at=_optional_number(fields, "started_at"),
+            finished_at=_optional_number(fields, "finished_at"),
+        )
+
+
+def _require_map(body: Any, kind: str) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise InvalidMessage("invalid_body", f"body must be a map, not {type(body).__name__}")
+    _check_version(body)
+    if body.get("type") != kind:
+        raise InvalidMessage(
+            "invalid_field", f"expected type {kind!r}, got {_short(body.get('type'))}", "type"
+        )
+    return body
+
+
+def _require(fields: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in fields:
+        raise InvalidMessage("missing_field", f"missing field {name!r}", name)
+    value = fields[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidMessage(
+            "invalid_field",
+            f"field {name!r} must be of type {kind.__name__}, not {type(value).__name__}",
+            name,
+        )
+    return value
+
+
+def _optional_number(fields: Mapping[str, Any], name: str) -> float | None:
+    value = fields.get(name)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+# Encoding of bodies for replies, which follow the content type of the request.
+
+
+def encode_body(body: Any, content_type: str | None) -> tuple[bytes, str]:
+    """Encode a reply body as JSON when ``content_type`` is JSON, else as msgpack."""
+    if is_json(content_type):
+        text = json.dumps(body, default=_json_fallback, ensure_ascii=False)
+        return text.encode("utf-8"), JSON_CONTENT_TYPE
+    return serializer.encode(body, name="reply"), MSGPACK_CONTENT_TYPE
+
+
+def _json_fallback(value: Any) -> Any:
+    """Map msgpack-only values to their closest JSON form (ISO text, numbers as text...)."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        return value.hex()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)
