@@ -250,9 +250,7 @@ class AgentService:
     async def _reject(self, message: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
         """Drop an undecodable task message, answering with an error if it can be routed."""
         self.stats["rejected"] += 1
-        log.warning(
-            "task_message_rejected", reason=reason, correlation_id=message.correlation_id
-        )
+        log.warning("task_message_rejected", reason=reason, correlation_id=message.correlation_id)
         parts = (message.correlation_id or "").split(":")
         if message.reply_to and len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
             result = protocol.TaskResult(

@@ -87,7 +87,9 @@ Apps = Annotated[
 ]
 LogLevel = Annotated[
     str | None,
-    typer.Option("--log-level", help="debug, info, warning or error. Default: ZENFLOW_LOG_LEVEL, else info."),
+    typer.Option(
+        "--log-level", help="debug, info, warning or error. Default: ZENFLOW_LOG_LEVEL, else info."
+    ),
 ]
 
 
@@ -117,8 +119,9 @@ def clear_errors() -> Iterator[None]:
         fail(str(error), EXIT_FAILED)
 
 
-def _settings(amqp_url: str | None = None, database_url: str | None = None,
-              namespace: str | None = None) -> Settings:
+def _settings(
+    amqp_url: str | None = None, database_url: str | None = None, namespace: str | None = None
+) -> Settings:
     return Settings.load(amqp_url=amqp_url, database_url=database_url, namespace=namespace)
 
 
@@ -195,7 +198,11 @@ def agent(
     app_modules: Apps = None,
     queue: Annotated[
         list[str] | None,
-        typer.Option("--queue", help="Task queue to consume; repeat for several. Default: every queue of the app's tasks."),
+        typer.Option(
+            "--queue",
+            help="Task queue to consume; repeat for several. "
+            "Default: every queue of the app's tasks.",
+        ),
     ] = None,
     concurrency: Annotated[
         int, typer.Option(help="Tasks run at the same time (and messages prefetched).", min=1)
@@ -211,27 +218,37 @@ def agent(
     with clear_errors():
         settings = _settings(amqp_url, None, namespace)
         registry = load_registry(app_modules_from_env(app_modules))
-        options = AgentOptions(settings=settings, queues=tuple(queue or ()), concurrency=concurrency)
+        options = AgentOptions(
+            settings=settings, queues=tuple(queue or ()), concurrency=concurrency
+        )
         service = AgentService(options, registry)
         _serve(lambda: service, log_level)
 
 
 @app.command()
 def start(
-    workflow: Annotated[str, typer.Argument(help="Name of the workflow to start.")],
+    workflow: Annotated[
+        str, typer.Argument(metavar="WORKFLOW", help="Name of the workflow to start.")
+    ],
     args_json: Annotated[
         str | None,
         typer.Argument(
-            metavar="[ARGS_JSON]",
-            help='Arguments as JSON: an array of positional arguments, e.g. \'["A-17", 4200]\', or an object of keyword arguments.',
+            metavar="ARGS_JSON",
+            help="Arguments as JSON: an array of positional arguments, "
+            "e.g. '[\"A-17\", 4200]', or an object of keyword arguments.",
         ),
     ] = None,
     business_id: Annotated[
         str | None, typer.Option("--id", help="Business id of the run, e.g. order-A-17.")
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish and print its result.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the run to finish and print its result.")
+    ] = False,
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the engine's reply, and with --wait for the run.", min=0.1)
+        float,
+        typer.Option(
+            help="Seconds to wait for the engine's reply, and with --wait for the run.", min=0.1
+        ),
     ] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
     amqp_url: AmqpUrl = None,
@@ -247,13 +264,15 @@ def start(
         with Client(settings.amqp_url, namespace=settings.namespace) as client:
             try:
                 run_id = client.start(
-                    workflow, *args, business_id=business_id,
-                    reply_timeout=min(timeout, 15.0), **kwargs,
+                    workflow,
+                    *args,
+                    business_id=business_id,
+                    reply_timeout=min(timeout, 15.0),
+                    **kwargs,
                 )
             except RunTimeout:
                 typer.echo(
-                    "warning: no engine replied; the request stays queued until an engine "
-                    "takes it",
+                    "warning: no engine replied; the request stays queued until an engine takes it",
                     err=True,
                 )
                 if wait:
@@ -266,7 +285,9 @@ def start(
                 result = client.wait(run_id, timeout=timeout)
             except RunFailed as error:
                 if as_json:
-                    typer.echo(to_json({"run_id": run_id, "status": "failed", "error": error.error}))
+                    typer.echo(
+                        to_json({"run_id": run_id, "status": "failed", "error": error.error})
+                    )
                     raise typer.Exit(EXIT_FAILED) from None
                 raise
             if as_json:
@@ -285,7 +306,7 @@ def parse_arguments(args_json: str | None) -> tuple[list[Any], dict[str, Any]]:
     except ValueError as error:
         fail(
             f"invalid ARGS_JSON {args_json!r}: {error}. Pass a JSON array such as "
-            "'[\"A-17\", 4200]' or an object such as '{\"order_id\": \"A-17\"}'",
+            '\'["A-17", 4200]\' or an object such as \'{"order_id": "A-17"}\'',
             2,
         )
     if isinstance(value, list):
@@ -329,8 +350,12 @@ def _session(database_url: str | None) -> Iterator[Any]:
 def runs_list(
     status: Annotated[Status | None, typer.Option(help="Show only runs with this status.")] = None,
     workflow: Annotated[str | None, typer.Option(help="Show only runs of this workflow.")] = None,
-    limit: Annotated[int, typer.Option(help="Maximum number of runs shown, newest first.", min=1)] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array instead of a table.")] = False,
+    limit: Annotated[
+        int, typer.Option(help="Maximum number of runs shown, newest first.", min=1)
+    ] = 50,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON array instead of a table.")
+    ] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """List runs, newest first."""
@@ -352,8 +377,10 @@ def runs_list(
 
 @runs_app.command("show")
 def runs_show(
-    run_id: Annotated[str, typer.Argument(help="Run id or business id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run, history and attempts as JSON.")] = False,
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="Run id or business id.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run, history and attempts as JSON.")
+    ] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Show a run and the timeline of its history, with durations and errors."""

@@ -101,9 +101,7 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
         offset = (entry.created_at - run.created_at).total_seconds()
         described = _describe_entry(entry, scheduled_at, names, attempts_by_step)
         lines.append(f"  {'+' + format(offset, '.3f') + 's':>10}  {described}")
-    waiting = [
-        attempt for attempt in attempts if attempt.status == "queued"
-    ]
+    waiting = [attempt for attempt in attempts if attempt.status == "queued"]
     if run.status == "running" and waiting:
         lines.append("")
         lines.append("waiting for")

@@ -19,8 +19,10 @@ def to_commands(yielded: Any, workflow: str) -> tuple[list[TaskCall], bool]:
             generator object, suggests ``yield from``.
     """
     if isinstance(yielded, list | tuple):
-        calls = [_to_call(item, workflow, f"item {index} of the yielded list") for index, item
-                 in enumerate(yielded)]
+        calls = [
+            _to_call(item, workflow, f"item {index} of the yielded list")
+            for index, item in enumerate(yielded)
+        ]
         return calls, True
     return [_to_call(yielded, workflow, "the yielded value")], False
 

@@ -335,8 +335,9 @@ class Execution:
             )
             finished = Finished(
                 "failed",
-                error=error_dict(mismatch, step=mismatch.step, recorded=mismatch.recorded,
-                                 actual=mismatch.actual),
+                error=error_dict(
+                    mismatch, step=mismatch.step, recorded=mismatch.recorded, actual=mismatch.actual
+                ),
             )
         self.finished = finished
         self.generator = None

@@ -376,7 +376,9 @@ class EngineService:
         except _aio.CONNECTION_ERRORS as error:
             # The sweeper publishes the row again once the connection is back.
             log.warning(
-                "publish_failed", run_id=row.run_id, queue=row.routing_key,
+                "publish_failed",
+                run_id=row.run_id,
+                queue=row.routing_key,
                 error=_aio.describe(error),
             )
             return
@@ -387,7 +389,9 @@ class EngineService:
 
     async def _notify_finished(self, run: dict[str, Any]) -> None:
         status = run["status"]
-        with structlog.contextvars.bound_contextvars(run_id=run["run_id"], workflow=run["workflow"]):
+        with structlog.contextvars.bound_contextvars(
+            run_id=run["run_id"], workflow=run["workflow"]
+        ):
             if status == "completed":
                 log.info("run_completed")
             else:
@@ -407,7 +411,9 @@ class EngineService:
         except _aio.CONNECTION_ERRORS as error:
             log.warning("notify_failed", run_id=run["run_id"], error=_aio.describe(error))
 
-    async def _reply(self, message: aio_pika.abc.AbstractIncomingMessage, body: dict[str, Any]) -> None:
+    async def _reply(
+        self, message: aio_pika.abc.AbstractIncomingMessage, body: dict[str, Any]
+    ) -> None:
         if not message.reply_to:
             return
         payload, content_type = protocol.encode_body(
@@ -465,8 +471,7 @@ class EngineService:
             cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
             pending = set(self._confirmed_outbox) | self._publishing_outbox
             stale = [
-                row for row in rows
-                if row.id not in pending and row.created_at.timestamp() < cutoff
+                row for row in rows if row.id not in pending and row.created_at.timestamp() < cutoff
             ]
             for row in stale:
                 await self._publish_outbox_row(row)
@@ -514,4 +519,3 @@ async def _ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     # engine recognises it as a duplicate.
     with contextlib.suppress(*_aio.CONNECTION_ERRORS):
         await message.ack()
-

@@ -5,6 +5,7 @@ User code imports everything from here::
     from zenflow import Task, Workflow, task, workflow, Client
 """
 
+from zenflow.aioclient import AsyncClient
 from zenflow.client import Client, default_client
 from zenflow.commands import TaskCall
 from zenflow.context import current_run, get_logger
@@ -26,6 +27,7 @@ from zenflow.task import Task, TaskFunction, task
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction, workflow
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "ConfigurationError",
     "DefinitionError",

@@ -10,6 +10,10 @@ from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
 FINISHED_STATUSES = frozenset({"completed", "failed"})
 
+# Seconds during which wait() treats an unknown run id as a start still in flight: the
+# engine handles requests concurrently, so a query can overtake the start sent before it.
+START_GRACE = 10.0
+
 WorkflowRef = str | type[Workflow] | WorkflowFunction | WorkflowCall
 
 

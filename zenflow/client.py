@@ -6,6 +6,7 @@ A :class:`Client` owns one AMQP connection and is not thread-safe; use one per t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -18,13 +19,14 @@ import pika.exceptions
 from zenflow import protocol, serializer
 from zenflow._client_common import (
     FINISHED_STATUSES,
+    START_GRACE,
     WorkflowRef,
     build_start,
     read_reply,
     run_outcome,
 )
 from zenflow.config import Settings, redact_url
-from zenflow.errors import RunTimeout, TransportError
+from zenflow.errors import RunNotFound, RunTimeout, TransportError
 
 T = TypeVar("T")
 
@@ -112,10 +114,8 @@ class Client:
         connection, self._connection, self._channel = self._connection, None, None
         self._reply_queue = None
         if connection is not None and connection.is_open:
-            try:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
                 connection.close()
-            except _CONNECTION_ERRORS:
-                pass
 
     def __enter__(self) -> Client:
         return self
@@ -195,6 +195,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         binding = self.topology.run_finished_binding(run_id)
         poll_interval = 1.0
+        first_poll = time.monotonic()
 
         def bind(channel: Any) -> None:
             channel.queue_bind(self._reply_queue, self.topology.runs_exchange, binding)
@@ -202,7 +203,7 @@ class Client:
         try:
             while True:
                 self._retrying(bind)
-                run = self.get_run(run_id, timeout=_remaining(deadline, 30.0))
+                run = self._get_started_run(run_id, first_poll, _remaining(deadline, 30.0))
                 next_poll = time.monotonic() + poll_interval
                 poll_interval = min(poll_interval * 2, 5.0)
                 while run["status"] not in FINISHED_STATUSES and time.monotonic() < next_poll:
@@ -223,6 +224,19 @@ class Client:
                     )
                 except _CONNECTION_ERRORS:
                     self.close()
+
+    def _get_started_run(self, run_id: str, since: float, timeout: float) -> dict[str, Any]:
+        """Return the run's state, or a pending state while its start may still be queued.
+
+        The engine handles requests concurrently, so a query sent right after a start can
+        overtake it; a missing run counts as not yet started for ``START_GRACE`` seconds.
+        """
+        try:
+            return self.get_run(run_id, timeout=timeout)
+        except RunNotFound:
+            if time.monotonic() - since > START_GRACE:
+                raise
+            return {"run_id": run_id, "status": "pending"}
 
     def run(
         self,
@@ -273,7 +287,9 @@ class Client:
         return read_reply(self._replies.pop(correlation_id))
 
     def _process_events(self, deadline: float | None, slice_seconds: float) -> None:
-        limit = slice_seconds if deadline is None else min(slice_seconds, deadline - time.monotonic())
+        limit = (
+            slice_seconds if deadline is None else min(slice_seconds, deadline - time.monotonic())
+        )
         self._retrying(lambda _channel: self._connection.process_data_events(max(0.0, limit)))
 
 

@@ -172,9 +172,7 @@ def parse_request(body: Any) -> Request:
         InvalidMessage: a field is missing or invalid; the error names it.
     """
     if not isinstance(body, Mapping):
-        raise InvalidMessage(
-            "invalid_body", f"body must be a map, not {type(body).__name__}", None
-        )
+        raise InvalidMessage("invalid_body", f"body must be a map, not {type(body).__name__}", None)
     _check_version(body)
     kind = body.get("type")
     if kind == REQUEST_START:
@@ -209,7 +207,8 @@ def _parse_start(body: Mapping[str, Any]) -> StartRequest:
         raise InvalidMessage("missing_field", "missing field 'workflow'", "workflow")
     if not isinstance(workflow, str) or not workflow:
         raise InvalidMessage(
-            "invalid_field", f"field 'workflow' must be a non-empty string, not {_short(workflow)}",
+            "invalid_field",
+            f"field 'workflow' must be a non-empty string, not {_short(workflow)}",
             "workflow",
         )
     args = body.get("args", [])
@@ -254,7 +253,9 @@ def _optional_string(body: Mapping[str, Any], field: str, max_length: int) -> st
         return None
     if not isinstance(value, str) or not value:
         raise InvalidMessage(
-            "invalid_field", f"field {field!r} must be a non-empty string, not {_short(value)}", field
+            "invalid_field",
+            f"field {field!r} must be a non-empty string, not {_short(value)}",
+            field,
         )
     if len(value) > max_length:
         raise InvalidMessage(
@@ -361,7 +362,9 @@ class TaskResult:
         error = fields.get("error")
         if not ok:
             if not isinstance(error, Mapping):
-                raise InvalidMessage("invalid_field", "a failed result needs an 'error' map", "error")
+                raise InvalidMessage(
+                    "invalid_field", "a failed result needs an 'error' map", "error"
+                )
             error = {
                 "type": str(error.get("type", "Error")),
                 "message": str(error.get("message", "")),

@@ -20,6 +20,8 @@ code type                    encoded as
 
 A zone is ``None`` (naive), an integer offset from UTC in seconds (``timezone.utc`` and other
 fixed offsets), or an IANA name such as ``"Europe/Paris"`` for a ``zoneinfo.ZoneInfo``.
+The standard msgpack timestamp extension (code -1), which zenflow never writes but other
+msgpack libraries do, decodes as a ``datetime`` in UTC.
 
 Values of other types, including subclasses of the types above (enums, named tuples), are
 rejected with a :class:`~zenflow.errors.SerializationError` that names where the value sits,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -54,8 +57,18 @@ EXT_BIGINT = 10
 _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1
 
-# Nested containers deeper than this are rejected instead of exhausting the stack.
+# encode rejects values nested deeper than this (the top-level value is at depth 0), and
+# decode rejects extension values nested deeper than this, instead of exhausting the stack.
 MAX_DEPTH = 256
+
+_CONTAINER_TYPES = frozenset({list, tuple, set, frozenset, dict})
+_HASHABLE_CONTAINER_TYPES = frozenset({tuple, frozenset})
+
+# msgpack.unpackb keeps its parse stack of 1024 entries (about 40 KB) on the C stack, and
+# every extension value nested in another one calls it again from the ext hook. A chain of
+# about 200 nested tuples then overflows an 8 MB stack and kills the process. Payloads at a
+# deeper level are decoded by a msgpack.Unpacker object, which keeps that stack on the heap.
+_C_STACK_UNPACK_LEVELS = 4
 
 
 class _Unencodable(Exception):
@@ -66,8 +79,13 @@ def _encode_zone(tzinfo: dt.tzinfo | None) -> Any:
     if tzinfo is None:
         return None
     if type(tzinfo) is ZoneInfo:
+        if tzinfo.key is None:
+            # ZoneInfo.from_file builds a zone without a key; it would decode as naive.
+            raise _Unencodable(f"time zone {tzinfo!r} without an IANA key (ZoneInfo.from_file)")
         return tzinfo.key
     if type(tzinfo) is dt.timezone:
+        # NOTE: only the offset is kept, so a name given to timezone() (such as "CET") is lost
+        # and tzname() of the decoded value returns "UTC+01:00". Equality is unaffected.
         offset = tzinfo.utcoffset(None)
         seconds = offset.total_seconds()
         return int(seconds) if offset.microseconds == 0 else seconds
@@ -80,8 +98,9 @@ def _decode_zone(zone: Any) -> dt.tzinfo | None:
     if isinstance(zone, str):
         try:
             return ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError) as error:
-            raise SerializationError(f"unknown time zone {zone!r} in encoded datetime") from error
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            # from None: the cause may contain a path of the local time zone database.
+            raise SerializationError(f"unknown time zone {zone!r} in encoded datetime") from None
     if isinstance(zone, int | float):
         return dt.timezone(dt.timedelta(seconds=zone))
     raise SerializationError(f"invalid time zone {zone!r} in encoded datetime")
@@ -126,28 +145,31 @@ def _default(value: Any) -> msgpack.ExtType:
     raise _Unencodable(f"value of type {kind.__module__}.{kind.__qualname__}")
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def _ext_hook(code: int, data: bytes, *, level: int) -> Any:
+    """Decode one extension value found by the unpacker at nesting ``level``."""
+    if level > MAX_DEPTH:
+        raise SerializationError(f"extension values nested deeper than {MAX_DEPTH} levels")
     if code == EXT_DATETIME:
-        iso, fold, zone = _unpack_nested(data)
+        iso, fold, zone = _unpack_nested(data, level + 1)
         return dt.datetime.fromisoformat(iso).replace(tzinfo=_decode_zone(zone), fold=fold)
     if code == EXT_DATE:
         return dt.date.fromisoformat(data.decode())
     if code == EXT_TIME:
-        iso, fold, zone = _unpack_nested(data)
+        iso, fold, zone = _unpack_nested(data, level + 1)
         return dt.time.fromisoformat(iso).replace(tzinfo=_decode_zone(zone), fold=fold)
     if code == EXT_TIMEDELTA:
-        days, seconds, microseconds = _unpack_nested(data)
+        days, seconds, microseconds = _unpack_nested(data, level + 1)
         return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
     if code == EXT_DECIMAL:
         return decimal.Decimal(data.decode())
     if code == EXT_UUID:
         return uuid.UUID(bytes=data)
     if code == EXT_TUPLE:
-        return tuple(_unpack_nested(data))
+        return tuple(_unpack_nested(data, level + 1))
     if code == EXT_SET:
-        return set(_unpack_nested(data))
+        return set(_unpack_nested(data, level + 1))
     if code == EXT_FROZENSET:
-        return frozenset(_unpack_nested(data))
+        return frozenset(_unpack_nested(data, level + 1))
     if code == EXT_BIGINT:
         return int.from_bytes(data, "big", signed=True)
     raise SerializationError(f"unknown msgpack extension type {code}")
@@ -159,10 +181,37 @@ def _packer() -> msgpack.Packer:
     return msgpack.Packer(default=_default, use_bin_type=True, strict_types=True, datetime=False)
 
 
-def _unpack_nested(data: bytes) -> Any:
-    return msgpack.unpackb(
-        data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True
+# _ext_hook rejects levels above MAX_DEPTH before unpacking a payload, so _unpack_nested
+# runs at levels 0 to MAX_DEPTH + 1.
+_EXT_HOOKS = tuple(functools.partial(_ext_hook, level=level) for level in range(MAX_DEPTH + 2))
+
+
+def _unpack_nested(data: bytes, level: int) -> Any:
+    """Unpack one msgpack value that fills ``data``; ``level`` counts enclosing extensions."""
+    if level <= _C_STACK_UNPACK_LEVELS:
+        return msgpack.unpackb(
+            data,
+            ext_hook=_EXT_HOOKS[level],
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            timestamp=3,
+        )
+    unpacker = msgpack.Unpacker(
+        ext_hook=_EXT_HOOKS[level],
+        raw=False,
+        strict_map_key=False,
+        use_list=True,
+        timestamp=3,
+        max_buffer_size=max(len(data), 1),
     )
+    unpacker.feed(data)
+    value = unpacker.unpack()
+    if unpacker.tell() != len(data):
+        raise SerializationError(
+            f"{len(data) - unpacker.tell()} extra bytes after an encoded extension value"
+        )
+    return value
 
 
 def encode(value: Any, *, name: str = "value") -> bytes:
@@ -173,8 +222,13 @@ def encode(value: Any, *, name: str = "value") -> bytes:
             starting with ``name`` (for example ``args[0]['when']``), and its type.
     """
     try:
+        # The msgpack packer recurses in C through up to 1024 levels of lists and dicts for
+        # each level of tuples and sets, so a deep value could overflow the C stack. Deep
+        # values are therefore rejected before packing.
+        if type(value) in _CONTAINER_TYPES and _exceeds_max_depth(value, 0):
+            raise _Unencodable(f"nesting deeper than {MAX_DEPTH} levels")
         return _packer().pack(value)
-    except (_Unencodable, TypeError, ValueError, OverflowError) as error:
+    except (_Unencodable, TypeError, ValueError, OverflowError, RecursionError) as error:
         path, culprit = find_unencodable(value, name)
         if culprit is None:
             raise SerializationError(f"cannot encode {name}: {error}", name) from None
@@ -194,11 +248,34 @@ def decode(data: bytes) -> Any:
             malformed extension value.
     """
     try:
-        return _unpack_nested(data)
+        return _unpack_nested(data, 0)
     except SerializationError:
         raise
     except Exception as error:  # msgpack raises several unrelated types for bad input
         raise SerializationError(f"invalid msgpack body: {error}") from None
+
+
+def _exceeds_max_depth(container: Any, depth: int) -> bool:
+    """Return whether some item of ``container``, which sits at ``depth``, is deeper than
+    MAX_DEPTH, with the same depth rule as :func:`_walk`.
+
+    Items that are not containers are screened with ``map(type, ...)`` in C, so flat lists
+    cost little. A reference cycle counts as too deep.
+    """
+    if depth >= MAX_DEPTH:
+        return len(container) > 0
+    if type(container) is dict:
+        if not _HASHABLE_CONTAINER_TYPES.isdisjoint(map(type, container)):
+            for key in container:
+                if type(key) in _HASHABLE_CONTAINER_TYPES and _exceeds_max_depth(key, depth + 1):
+                    return True
+        container = container.values()
+    if _CONTAINER_TYPES.isdisjoint(map(type, container)):
+        return False
+    for item in container:
+        if type(item) in _CONTAINER_TYPES and _exceeds_max_depth(item, depth + 1):
+            return True
+    return False
 
 
 def find_unencodable(value: Any, path: str) -> tuple[str, str | None]:
@@ -235,6 +312,12 @@ def _walk(value: Any, path: str, depth: int, seen: set[int]) -> tuple[str, str |
         except _Unencodable as error:
             return path, str(error)
         return path, None
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, f"string {_short_repr(value)} that is not valid UTF-8 (a lone surrogate)"
+        return path, None
     if kind in _SCALARS:
         return path, None
     if kind in (list, tuple, set, frozenset, dict):
@@ -243,14 +326,16 @@ def _walk(value: Any, path: str, depth: int, seen: set[int]) -> tuple[str, str |
         seen = seen | {id(value)}
         if kind is dict:
             for key, item in value.items():
-                found = _walk(key, f"{path} key {key!r}", depth + 1, seen)
+                key_text = _safe_repr(key)
+                found = _walk(key, f"{path} key {key_text}", depth + 1, seen)
                 if found[1] is not None:
                     return found
-                found = _walk(item, f"{path}[{key!r}]", depth + 1, seen)
+                found = _walk(item, f"{path}[{key_text}]", depth + 1, seen)
                 if found[1] is not None:
                     return found
             return path, None
-        items = value if kind in (list, tuple) else sorted(value, key=repr)
+        # Set items are numbered in the order of their repr, so the path is reproducible.
+        items = value if kind in (list, tuple) else sorted(value, key=_safe_repr)
         for index, item in enumerate(items):
             found = _walk(item, f"{path}[{index}]", depth + 1, seen)
             if found[1] is not None:
@@ -259,10 +344,14 @@ def _walk(value: Any, path: str, depth: int, seen: set[int]) -> tuple[str, str |
     return path, f"value {_short_repr(value)} of type {kind.__module__}.{kind.__qualname__}"
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
+def _safe_repr(value: Any) -> str:
+    """Return ``repr(value)``, or the type name when the value's ``__repr__`` raises."""
     try:
-        text = repr(value)
+        return repr(value)
     except Exception:
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        return f"<{type(value).__name__}>"
 
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = _safe_repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

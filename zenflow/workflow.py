@@ -126,17 +126,17 @@ class WorkflowFunction:
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as error:
-            raise TypeError(f"invalid arguments for workflow {self.workflow_name}: {error}") from None
+            raise TypeError(
+                f"invalid arguments for workflow {self.workflow_name}: {error}"
+            ) from None
         return WorkflowCall(self.workflow_name, args, kwargs, business_id)
 
     def __repr__(self) -> str:
         return f"<workflow {self.workflow_name}>"
 
 
-def workflow(
-    function: Callable[..., Any] | None = None, /, *, name: str | None = None
-) -> Any:
-    """Declare a function, usually a generator, as a workflow: ``@workflow`` or ``@workflow(name=...)``.
+def workflow(function: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+    """Declare a (generator) function as a workflow: ``@workflow`` or ``@workflow(name=...)``.
 
     Calling the decorated function returns a :class:`WorkflowCall`, so that
     ``order_flow("A-17", 4200).dispatch()`` starts a run.

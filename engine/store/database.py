@@ -162,8 +162,6 @@ def translate_errors(url: str) -> Iterator[None]:
     except DBAPIError as error:
         original = str(error.orig).strip().splitlines()
         detail = original[0] if original else type(error.orig).__name__
-        raise StoreError(
-            f"database {redact_url(url)} failed: {redact_url(detail)}"
-        ) from error
+        raise StoreError(f"database {redact_url(url)} failed: {redact_url(detail)}") from error
     except SQLAlchemyError as error:
         raise StoreError(f"database {redact_url(url)} failed: {redact_url(str(error))}") from error

@@ -69,7 +69,9 @@ def view_run(run: Run) -> RunView:
     )
 
 
-def find_run(session: Session, reference: str | None, *, business_id: str | None = None) -> Run | None:
+def find_run(
+    session: Session, reference: str | None, *, business_id: str | None = None
+) -> Run | None:
     """Return the run with run id ``reference``, or else the latest with that business id."""
     if reference is not None:
         run = session.get(Run, reference)
@@ -78,9 +80,7 @@ def find_run(session: Session, reference: str | None, *, business_id: str | None
     key = business_id if business_id is not None else reference
     if key is None:
         return None
-    statement = (
-        select(Run).where(Run.business_id == key).order_by(Run.created_at.desc()).limit(1)
-    )
+    statement = select(Run).where(Run.business_id == key).order_by(Run.created_at.desc()).limit(1)
     return session.scalars(statement).first()
 
 

@@ -1,0 +1,226 @@
+"""Workflows and tasks used by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import decimal
+import os
+import time
+import uuid
+from pathlib import Path
+
+from zenflow import Task, TaskFailed, Workflow, get_logger, task, workflow
+
+log = get_logger("flows")
+
+
+class Double(Task):
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def handle(self) -> int:
+        return self.value * 2
+
+
+class AsyncAdd(Task):
+    queue = "async"
+
+    def __init__(self, left: int, right: int) -> None:
+        self.left = left
+        self.right = right
+
+    async def handle(self) -> int:
+        await asyncio.sleep(0.01)
+        return self.left + self.right
+
+
+class Fail(Task):
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def handle(self) -> None:
+        raise ValueError(self.message)
+
+
+@task
+def echo(value: object) -> object:
+    return value
+
+
+@task
+def slow_echo(value: object, seconds: float) -> object:
+    time.sleep(seconds)
+    return value
+
+
+@task
+def touch(path: str) -> str:
+    """Create a file: the side effect of a fire-and-forget task that tests can observe."""
+    Path(path).write_text(str(os.getpid()))
+    return path
+
+
+class Sequential(Workflow):
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        a = yield Double(self.start)
+        b = yield AsyncAdd(a, 1)
+        c = yield echo(b)
+        return [a, b, c]
+
+
+class Branching(Workflow):
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        doubled = yield Double(self.value)
+        if doubled > 10:
+            return ("big", (yield echo("big branch")))
+        return ("small", (yield AsyncAdd(doubled, 100)))
+
+
+class Parallel(Workflow):
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        results = yield [Double(index) for index in range(self.count)]
+        left, right = yield (AsyncAdd(1, 2), echo("x"))
+        return {"doubled": results, "pair": [left, right]}
+
+
+class CatchAndContinue(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        try:
+            yield Fail("card declined")
+        except TaskFailed as error:
+            log.info("caught_task_failure", error=error.error_message)
+            recovered = yield echo(f"recovered from {error.error_type}: {error.error_message}")
+            return {
+                "recovered": recovered,
+                "traceback_has_frame": "raise ValueError" in error.traceback,
+            }
+        return "not reached"
+
+
+class Uncaught(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield Double(1)
+        yield Fail("boom")
+        return "not reached"
+
+
+class NeverYields(Workflow):
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def handle(self) -> dict[str, int]:
+        return {"value": self.value}
+
+
+class ReturnsBeforeYield(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        if True:
+            return "early"
+        yield Double(1)  # makes handle a generator
+
+
+def add_twice(value: int):  # type: ignore[no-untyped-def]
+    first = yield AsyncAdd(value, 1)
+    second = yield AsyncAdd(first, 1)
+    return second
+
+
+class YieldFrom(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        result = yield from add_twice(10)
+        doubled = yield Double(result)
+        return doubled
+
+
+class DispatchAndGo(Workflow):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        detached = yield touch(self.path).dispatch()
+        value = yield echo("after dispatch")
+        return {"detached": detached, "value": value}
+
+
+class YieldsNonCommand(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield 42
+
+
+class YieldsGenerator(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield add_twice(1)
+
+
+class ReturnsGenerator(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield Double(1)
+        return add_twice(1)
+
+
+class RichValues(Workflow):
+    """Round-trips values that JSON cannot carry through a task and back."""
+
+    def __init__(self, payload: dict) -> None:
+        self.payload = payload
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        echoed = yield echo(self.payload)
+        return echoed
+
+
+def rich_payload() -> dict:
+    return {
+        "when": dt.datetime(2026, 3, 29, 1, 30, tzinfo=dt.UTC),
+        "price": decimal.Decimal("19.99"),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "raw": b"\x00\xff",
+        "pair": (1, "a"),
+        "tags": {"x", "y"},
+        "big": 2**80,
+        (1, 2): "tuple key",
+        3: "int key",
+    }
+
+
+class Ordered(Workflow):
+    """A workflow with a business id taken from its argument."""
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+
+    def id(self) -> str:
+        return f"order-{self.order_id}"
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield echo(self.order_id))
+
+
+@workflow
+def function_flow(value: int):  # type: ignore[no-untyped-def]
+    doubled = yield Double(value)
+    return (yield echo(doubled))
+
+
+class Steps(Workflow):
+    """``count`` sequential steps, for crash-recovery and benchmark tests."""
+
+    def __init__(self, count: int, seconds: float = 0.0) -> None:
+        self.count = count
+        self.seconds = seconds
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        total = 0
+        for index in range(self.count):
+            total += yield slow_echo(index, self.seconds)
+        return total

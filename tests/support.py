@@ -1,0 +1,303 @@
+"""Helpers for tests that run real engine and agent processes against real services.
+
+Every test cluster gets its own namespace (queue and exchange prefix) and its own database,
+so tests do not see each other's messages or runs and can run while other clusters exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import pika
+import pika.exceptions
+from sqlalchemy import create_engine, text
+
+REPO = Path(__file__).resolve().parent.parent
+# The console script installed beside the interpreter that runs the tests.
+ZENFLOW = str(Path(sys.executable).with_name("zenflow"))
+APPS = Path(__file__).resolve().parent / "apps"
+AMQP_URL = os.environ.get("ZENFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "ZENFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, message: str = ""
+) -> T:
+    """Poll ``condition`` until it returns a truthy value and return that value.
+
+    Raises:
+        AssertionError: the deadline passed; the message says what was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message or condition}")
+        time.sleep(interval)
+
+
+def service_answers(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), 2
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def new_namespace(prefix: str = "zt") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def delete_namespace(namespace: str) -> None:
+    """Delete the queues and exchanges of a test namespace from the broker."""
+    queues = ["engine.requests", "engine.results"]
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    except pika.exceptions.AMQPError:
+        return
+    try:
+        for name in list_queues(namespace) or [f"{namespace}.{queue}" for queue in queues]:
+            channel = connection.channel()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                channel.queue_delete(name)
+        for exchange in (f"{namespace}.engine", f"{namespace}.runs"):
+            channel = connection.channel()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                channel.exchange_delete(exchange)
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+
+
+def list_queues(namespace: str) -> list[str]:
+    """Return the broker's queues of a namespace (needs rabbitmqctl, which runs as root)."""
+    try:
+        output = subprocess.run(
+            ["rabbitmqctl", "list_queues", "name", "--quiet", "--no-table-headers"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in output.splitlines() if line.startswith(namespace + ".")]
+
+
+def queue_depth(namespace: str, queue: str) -> int:
+    """Return the number of ready messages in a queue of the namespace."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        result = channel.queue_declare(f"{namespace}.{queue}", passive=True)
+        return int(result.method.message_count)
+    finally:
+        connection.close()
+
+
+class Database:
+    """A database for one test cluster: a SQLite file, or a new PostgreSQL database."""
+
+    def __init__(self, backend: str, folder: Path) -> None:
+        self.backend = backend
+        if backend == "sqlite":
+            self.url = f"sqlite:///{folder / 'zenflow.db'}"
+            self._admin_database = None
+        else:
+            name = f"zenflow_test_{uuid.uuid4().hex[:10]}"
+            admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+            with admin.connect() as connection:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+            admin.dispose()
+            self._admin_database = name
+            base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+            self.url = f"{base}/{name}"
+        self.engine = create_engine(self.url)
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.engine.connect() as connection:
+            return connection.execute(text(sql), params).scalar()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        with self.engine.connect() as connection:
+            return list(connection.execute(text(sql), params))
+
+    def run_status(self, run_id: str) -> str | None:
+        return self.scalar("SELECT status FROM runs WHERE id = :id", id=run_id)
+
+    def results_per_step(self, run_id: str) -> dict[int, int]:
+        """Return how many result entries each step of a run has in history."""
+        rows = self.rows(
+            "SELECT step, COUNT(*) FROM history WHERE run_id = :id "
+            "AND kind IN ('task_completed', 'task_failed') GROUP BY step",
+            id=run_id,
+        )
+        return {int(step): int(count) for step, count in rows}
+
+    def drop(self) -> None:
+        self.engine.dispose()
+        if self._admin_database is None:
+            return
+        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(
+                text(f'DROP DATABASE IF EXISTS "{self._admin_database}" WITH (FORCE)')
+            )
+        admin.dispose()
+
+
+class Process:
+    """A ``zenflow`` subprocess whose output goes to a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            [ZENFLOW, *args],
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, event: str, timeout: float = 30.0, count: int = 1) -> None:
+        def seen() -> bool:
+            if self.popen.poll() is not None:
+                output = self.log_text()[-3000:]
+                raise AssertionError(
+                    f"zenflow {self.args[0]} exited with {self.popen.returncode}:\n{output}"
+                )
+            return self.log_text().count(f'"event": "{event}"') >= count
+
+        wait_until(seen, timeout, message=f"{event} in {self.log_path.name}")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Send SIGTERM and return the exit code; SIGKILL if it does not exit in time."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        self._log.close()
+        return self.popen.returncode
+
+
+class Cluster:
+    """Engine and agent processes sharing one namespace and one database."""
+
+    def __init__(self, folder: Path, database: Database, app: str, namespace: str | None = None):
+        self.folder = folder
+        self.database = database
+        self.app = app
+        self.namespace = namespace or new_namespace()
+        self.processes: list[Process] = []
+        self._count = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "ZENFLOW_AMQP_URL": AMQP_URL,
+                "ZENFLOW_DATABASE_URL": self.database.url,
+                "ZENFLOW_NAMESPACE": self.namespace,
+                "ZENFLOW_LOG_LEVEL": env.get("ZENFLOW_TEST_LOG_LEVEL", "info"),
+                "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO), env.get("PYTHONPATH", "")]),
+            }
+        )
+        return env
+
+    def zenflow(
+        self, *args: str, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short ``zenflow`` command in the cluster's environment and return its result."""
+        return subprocess.run(
+            [ZENFLOW, *args],
+            env=self.env,
+            cwd=self.folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+
+    def migrate(self) -> None:
+        result = self.zenflow("db", "upgrade")
+        assert result.returncode == 0, result.stderr
+
+    def _spawn(self, kind: str, *extra: str) -> Process:
+        self._count += 1
+        log_path = self.folder / f"{kind}-{self._count}.log"
+        process = Process([kind, "--app", self.app, *extra], self.env, log_path, self.folder)
+        self.processes.append(process)
+        return process
+
+    def start_engine(self, *extra: str, app: str | None = None) -> Process:
+        if app is not None:
+            self.app = app
+        process = self._spawn("engine", *extra)
+        process.wait_for_log("engine_started")
+        return process
+
+    def start_agent(self, *extra: str) -> Process:
+        process = self._spawn("agent", *extra)
+        process.wait_for_log("agent_started")
+        return process
+
+    def client(self) -> Any:
+        from zenflow import Client
+
+        return Client(AMQP_URL, namespace=self.namespace)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log_text()[-4000:]}" for p in self.processes)
+
+
+@contextlib.contextmanager
+def cluster_of(folder: Path, backend: str, app: str) -> Iterator[Cluster]:
+    """Create a database and a namespace, yield the cluster, and clean everything up."""
+    database = Database(backend, folder)
+    cluster = Cluster(folder, database, app)
+    try:
+        cluster.migrate()
+        yield cluster
+    finally:
+        cluster.stop()
+        delete_namespace(cluster.namespace)
+        database.drop()
