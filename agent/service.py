@@ -31,6 +31,7 @@ import structlog
 
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings
+from zenflow.context import TaskContext, set_current_task
 from zenflow.errors import ConfigurationError, SerializationError
 from zenflow.registry import Registry, TaskDefinition
 from zenflow.task import validate_queue_name
@@ -196,6 +197,16 @@ class AgentService:
         )
 
     async def _call(self, definition: TaskDefinition, message: protocol.TaskMessage) -> Any:
+        # Each delivery runs in its own asyncio task, so this context is the task's own.
+        set_current_task(
+            TaskContext(
+                run_id=message.run_id,
+                workflow=message.workflow,
+                step=message.step,
+                attempt=message.attempt,
+                task=message.task,
+            )
+        )
         if definition.is_async:
             value = definition.prepare(message.args, message.kwargs)()
         else:

@@ -8,7 +8,7 @@ User code imports everything from here::
 from zenflow.aioclient import AsyncClient
 from zenflow.client import Client, default_client
 from zenflow.commands import TaskCall
-from zenflow.context import current_run, get_logger
+from zenflow.context import current_run, current_task, get_logger
 from zenflow.errors import (
     ConfigurationError,
     DefinitionError,
@@ -48,6 +48,7 @@ __all__ = [
     "WorkflowFunction",
     "ZenflowError",
     "current_run",
+    "current_task",
     "default_client",
     "get_logger",
     "task",

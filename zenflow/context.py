@@ -44,6 +44,37 @@ def reset_current_run(token: contextvars.Token[RunContext | None]) -> None:
     _current.reset(token)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """The task attempt an agent is executing: use it to build idempotency keys."""
+
+    run_id: str
+    workflow: str
+    step: int
+    attempt: int
+    task: str
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key that is the same for every attempt of this step of this run."""
+        return f"{self.run_id}:{self.step}"
+
+
+_current_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "zenflow_task", default=None
+)
+
+
+def current_task() -> TaskContext | None:
+    """Return the task attempt being executed by an agent, or None outside task code."""
+    return _current_task.get()
+
+
+def set_current_task(context: TaskContext | None) -> contextvars.Token[TaskContext | None]:
+    """Set the current task (agent use)."""
+    return _current_task.set(context)
+
+
 class ReplaySafeLogger:
     """A structlog logger proxy that drops every call while the current run is replaying."""
 

@@ -64,10 +64,11 @@ MAX_DEPTH = 256
 _CONTAINER_TYPES = frozenset({list, tuple, set, frozenset, dict})
 _HASHABLE_CONTAINER_TYPES = frozenset({tuple, frozenset})
 
-# msgpack.unpackb keeps its parse stack of 1024 entries (about 40 KB) on the C stack, and
-# every extension value nested in another one calls it again from the ext hook. A chain of
-# about 200 nested tuples then overflows an 8 MB stack and kills the process. Payloads at a
-# deeper level are decoded by a msgpack.Unpacker object, which keeps that stack on the heap.
+# Each msgpack.unpackb call keeps a fixed parse stack on the C stack (about 40 KB, estimated
+# from the crash below), and every extension value nested in another one calls it again from
+# the ext hook. With msgpack 1.2.4 on Linux, 200 nested tuples overflowed the 8 MB main-thread
+# stack and killed the process. Payloads at a deeper level are decoded by a msgpack.Unpacker
+# object, which keeps its parse stack on the heap.
 _C_STACK_UNPACK_LEVELS = 4
 
 
@@ -80,7 +81,7 @@ def _encode_zone(tzinfo: dt.tzinfo | None) -> Any:
         return None
     if type(tzinfo) is ZoneInfo:
         if tzinfo.key is None:
-            # ZoneInfo.from_file builds a zone without a key; it would decode as naive.
+            # ZoneInfo.from_file builds a zone without a key, which would decode as naive.
             raise _Unencodable(f"time zone {tzinfo!r} without an IANA key (ZoneInfo.from_file)")
         return tzinfo.key
     if type(tzinfo) is dt.timezone:
@@ -98,9 +99,8 @@ def _decode_zone(zone: Any) -> dt.tzinfo | None:
     if isinstance(zone, str):
         try:
             return ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError, OSError):
-            # from None: the cause may contain a path of the local time zone database.
-            raise SerializationError(f"unknown time zone {zone!r} in encoded datetime") from None
+        except (ZoneInfoNotFoundError, ValueError, OSError) as error:
+            raise SerializationError(f"unknown time zone {zone!r} in encoded datetime") from error
     if isinstance(zone, int | float):
         return dt.timezone(dt.timedelta(seconds=zone))
     raise SerializationError(f"invalid time zone {zone!r} in encoded datetime")
@@ -187,7 +187,7 @@ _EXT_HOOKS = tuple(functools.partial(_ext_hook, level=level) for level in range(
 
 
 def _unpack_nested(data: bytes, level: int) -> Any:
-    """Unpack one msgpack value that fills ``data``; ``level`` counts enclosing extensions."""
+    """Unpack the one msgpack value in ``data``. ``level`` counts the enclosing extensions."""
     if level <= _C_STACK_UNPACK_LEVELS:
         return msgpack.unpackb(
             data,
