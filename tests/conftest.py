@@ -35,15 +35,20 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "sqlite-replay"])
 def flows_cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, rabbitmq: str
 ) -> Iterator[Cluster]:
-    """An engine and an agent running the ``flows`` test app, one set per database."""
-    if request.param == "postgresql":
+    """An engine and an agent running the ``flows`` test app, one set per database.
+
+    ``sqlite-replay`` runs the engine without a generator cache, so every step of every run
+    is a replay of its history.
+    """
+    backend, _, variant = str(request.param).partition("-")
+    if backend == "postgresql":
         require_service("PostgreSQL", POSTGRES_ADMIN_URL, 5432)
     folder: Path = tmp_path_factory.mktemp(f"flows-{request.param}")
-    with cluster_of(folder, str(request.param), "flows") as cluster:
-        cluster.start_engine()
+    with cluster_of(folder, backend, "flows") as cluster:
+        cluster.start_engine(*(["--cache-size", "0"] if variant == "replay" else []))
         cluster.start_agent()
         yield cluster

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from zenflow import Task, TaskFailed, Workflow, get_logger, task, workflow
+from zenflow import Task, TaskCall, TaskFailed, Workflow, get_logger, task, workflow
 
 log = get_logger("flows")
 
@@ -224,3 +224,54 @@ class Steps(Workflow):
         for index in range(self.count):
             total += yield slow_echo(index, self.seconds)
         return total
+
+
+@task
+def returns_unencodable() -> object:
+    return {"fine": 1, "bad": [object()]}
+
+
+class TaskReturnsUnencodable(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield returns_unencodable())
+
+
+class YieldsUnencodableArgument(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield echo({"when": object()}))
+
+
+@task
+def task_identity() -> dict:
+    from zenflow import current_task
+
+    context = current_task()
+    assert context is not None
+    return {"step": context.step, "attempt": context.attempt, "key": context.idempotency_key}
+
+
+class Identity(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield Double(1)
+        return (yield task_identity())
+
+
+class Chatty(Workflow):
+    """Logs once between its two steps; replay must not log that line again."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        first = yield Double(1)
+        self.log.info("chatty_between_steps", marker=self.marker)
+        second = yield slow_echo(first, 0.5)
+        return second
+
+
+
+class CallsUnregisteredTask(Workflow):
+    """Yields a task by name that no agent registers, on a queue of its own."""
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield TaskCall("orphan_task", "orphans"))
