@@ -287,10 +287,15 @@ class Client:
         return read_reply(self._replies.pop(correlation_id))
 
     def _process_events(self, deadline: float | None, slice_seconds: float) -> None:
-        limit = (
-            slice_seconds if deadline is None else min(slice_seconds, deadline - time.monotonic())
-        )
-        self._retrying(lambda _channel: self._connection.process_data_events(max(0.0, limit)))
+        limit = slice_seconds
+        if deadline is not None:
+            limit = min(slice_seconds, deadline - time.monotonic())
+
+        def process(_channel: Any) -> None:
+            assert self._connection is not None
+            self._connection.process_data_events(max(0.0, limit))
+
+        self._retrying(process)
 
 
 def _remaining(deadline: float | None, default: float) -> float:

@@ -13,6 +13,7 @@ import datetime as dt
 import decimal
 import json
 import re
+import reprlib
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,8 @@ REQUEST_START = "start"
 REQUEST_GET_RUN = "get_run"
 REQUEST_TYPES = (REQUEST_START, REQUEST_GET_RUN)
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+# Matched with fullmatch, because "$" also matches before a trailing newline.
+_RUN_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +146,17 @@ def decode_body(body: bytes, content_type: str | None, max_bytes: int | None = N
             "body_too_large",
             f"message body of {len(body)} bytes exceeds the limit of {max_bytes} bytes",
         )
-    if is_json(content_type):
+    media_type = _media_type(content_type)
+    if media_type == JSON_CONTENT_TYPE:
         try:
             return json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as error:
             raise InvalidMessage("invalid_body", f"body is not valid JSON: {error}") from None
-    if content_type not in (None, "", MSGPACK_CONTENT_TYPE):
+        except RecursionError:
+            raise InvalidMessage(
+                "invalid_body", "body is not valid JSON: arrays or objects nested too deeply"
+            ) from None
+    if media_type not in ("", MSGPACK_CONTENT_TYPE):
         raise InvalidMessage(
             "invalid_body",
             f"unsupported content type {content_type!r}: use {MSGPACK_CONTENT_TYPE} or "
@@ -162,7 +169,17 @@ def decode_body(body: bytes, content_type: str | None, max_bytes: int | None = N
 
 
 def is_json(content_type: str | None) -> bool:
-    return bool(content_type) and content_type.split(";")[0].strip() == JSON_CONTENT_TYPE
+    return _media_type(content_type) == JSON_CONTENT_TYPE
+
+
+def _media_type(content_type: str | None) -> str:
+    """Return the media type of a Content-Type value in lower case, without parameters.
+
+    The type and subtype are case-insensitive (RFC 2616, section 3.7).
+    """
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def parse_request(body: Any) -> Request:
@@ -193,7 +210,8 @@ def _check_version(body: Mapping[str, Any]) -> None:
     version = body.get("version")
     if version is None:
         raise InvalidMessage("missing_field", "missing field 'version' (use 1)", "version")
-    if version != VERSION or isinstance(version, bool):
+    # type() rather than isinstance() or ==, so that True, 1.0 and Decimal(1) are rejected.
+    if type(version) is not int or version != VERSION:
         raise InvalidMessage(
             "unsupported_version",
             f"unsupported schema version {_short(version)}: this engine speaks version {VERSION}",
@@ -238,7 +256,7 @@ def _optional_id(body: Mapping[str, Any], field: str) -> str | None:
     value = body.get(field)
     if value is None:
         return None
-    if not isinstance(value, str) or not _RUN_ID.match(value):
+    if not isinstance(value, str) or not _RUN_ID.fullmatch(value):
         raise InvalidMessage(
             "invalid_field",
             f"field {field!r} must be 1 to 64 letters, digits, '_' or '-', not {_short(value)}",
@@ -266,8 +284,20 @@ def _optional_string(body: Mapping[str, Any], field: str, max_length: int) -> st
     return value
 
 
+# Bounded repr for error messages. A decoded body can contain lists nested a thousand levels
+# deep or strings megabytes long, and a plain repr() of it would raise RecursionError or be slow.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = 60
+_SHORT_REPR.maxlong = 60
+_SHORT_REPR.maxother = 60
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = _SHORT_REPR.repr(value)
+    except Exception:  # for example ValueError from repr() of an int with over 4300 digits
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -320,7 +350,7 @@ class TaskMessage:
             attempt=_require(fields, "attempt", int),
             task=_require(fields, "task", str),
             args=tuple(_require(fields, "args", list)),
-            kwargs=_require(fields, "kwargs", dict),
+            kwargs=_require_kwargs(fields),
         )
 
 
@@ -366,19 +396,19 @@ class TaskResult:
                     "invalid_field", "a failed result needs an 'error' map", "error"
                 )
             error = {
-                "type": str(error.get("type", "Error")),
-                "message": str(error.get("message", "")),
-                "traceback": str(error.get("traceback", "")),
+                "type": _text(error.get("type", "Error")),
+                "message": _text(error.get("message", "")),
+                "traceback": _text(error.get("traceback", "")),
             }
         return cls(
             run_id=_require(fields, "run_id", str),
             step=_require(fields, "step", int),
             attempt=_require(fields, "attempt", int),
             ok=ok,
-            workflow=str(fields.get("workflow") or ""),
+            workflow=_text(fields.get("workflow") or ""),
             value=fields.get("value"),
             error=error if not ok else None,
-            agent=str(fields.get("agent") or ""),
+            agent=_text(fields.get("agent") or ""),
             started_at=_optional_number(fields, "started_at"),
             finished_at=_optional_number(fields, "finished_at"),
         )
@@ -408,10 +438,32 @@ def _require(fields: Mapping[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def _require_kwargs(fields: Mapping[str, Any]) -> dict[str, Any]:
+    kwargs = _require(fields, "kwargs", dict)
+    if not all(isinstance(key, str) for key in kwargs):
+        raise InvalidMessage(
+            "invalid_field", "field 'kwargs' must be a map with string keys", "kwargs"
+        )
+    return kwargs
+
+
+def _text(value: Any) -> str:
+    """Return ``value`` if it is a string, else a shortened repr of it.
+
+    str() is not used because it can raise on decoded values, for example on deep lists
+    or on ints with more than 4300 digits.
+    """
+    return value if isinstance(value, str) else _short(value)
+
+
 def _optional_number(fields: Mapping[str, Any], name: str) -> float | None:
+    """Return the field as a float, or None when it is missing, not a number or too large."""
     value = fields.get(name)
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return None
     return None
 
 
@@ -419,11 +471,74 @@ def _optional_number(fields: Mapping[str, Any], name: str) -> float | None:
 
 
 def encode_body(body: Any, content_type: str | None) -> tuple[bytes, str]:
-    """Encode a reply body as JSON when ``content_type`` is JSON, else as msgpack."""
+    """Encode a reply body as JSON when ``content_type`` is JSON, else as msgpack.
+
+    JSON has no form for some msgpack values, so they are converted: see _json_fallback
+    for values and _json_key for map keys.
+
+    Raises:
+        SerializationError: the body cannot be encoded as msgpack, or it is nested deeper
+            than serializer.MAX_DEPTH (a reference cycle counts as too deep).
+    """
     if is_json(content_type):
-        text = json.dumps(body, default=_json_fallback, ensure_ascii=False)
-        return text.encode("utf-8"), JSON_CONTENT_TYPE
+        text = json.dumps(_with_json_keys(body, 0), default=_json_fallback, ensure_ascii=False)
+        # A lone surrogate (which json.loads accepts in a request) cannot be encoded as UTF-8.
+        # backslashreplace writes it as a \uXXXX escape, which is valid inside a JSON string.
+        return text.encode("utf-8", "backslashreplace"), JSON_CONTENT_TYPE
     return serializer.encode(body, name="reply"), MSGPACK_CONTENT_TYPE
+
+
+def _with_json_keys(value: Any, depth: int) -> Any:
+    """Copy ``value`` with every map key converted to a type that json.dumps accepts.
+
+    json.dumps calls its ``default`` hook for values but raises TypeError for a key that
+    is not a str, int, float, bool or None.
+    """
+    if depth > serializer.MAX_DEPTH:
+        raise SerializationError(
+            f"cannot encode reply: nesting deeper than {serializer.MAX_DEPTH} levels", "reply"
+        )
+    if isinstance(value, dict):
+        return {
+            _json_key(key, depth): _with_json_keys(item, depth + 1) for key, item in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_with_json_keys(item, depth + 1) for item in value]
+    if type(value) is int:
+        return _json_int(value)
+    return value
+
+
+def _json_key(key: Any, depth: int) -> Any:
+    """Convert a map key to its closest JSON form: a date as ISO text, a tuple as JSON text.
+
+    Keys that json.dumps accepts (str, int, float, bool, None) are returned unchanged.
+    """
+    if type(key) is int:
+        return _json_int(key)
+    if key is None or isinstance(key, str | int | float):
+        return key
+    converted = _json_fallback(key)
+    if isinstance(converted, str):
+        return converted
+    return json.dumps(
+        _with_json_keys(converted, depth + 1), default=_json_fallback, ensure_ascii=False
+    )
+
+
+def _json_int(value: int) -> int | str:
+    """Return ``value``, or its hex text when it has too many digits for a JSON number.
+
+    json.dumps converts ints to decimal text, which raises ValueError beyond
+    sys.get_int_max_str_digits() digits (4300 by default).
+    """
+    if value.bit_length() <= 64:
+        return value
+    try:
+        str(value)
+    except ValueError:
+        return hex(value)
+    return value
 
 
 def _json_fallback(value: Any) -> Any:
