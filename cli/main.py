@@ -57,7 +57,7 @@ AmqpUrl = Annotated[
     str | None,
     typer.Option(
         "--amqp-url",
-        help="RabbitMQ URL. Default: ZENFLOW_AMQP_URL, else amqp://guest:guest@localhost:5672/.",
+        help="RabbitMQ URL. Default: $ZENFLOW_AMQP_URL, else amqp://localhost:5672/ as guest.",
         show_default=False,
     ),
 ]
@@ -65,7 +65,7 @@ DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="History database URL. Default: ZENFLOW_DATABASE_URL, else sqlite:///zenflow.db.",
+        help="History database URL. Default: $ZENFLOW_DATABASE_URL, else sqlite:///zenflow.db.",
         show_default=False,
     ),
 ]
@@ -315,7 +315,7 @@ def parse_arguments(args_json: str | None) -> tuple[list[Any], dict[str, Any]]:
         return [], value
     fail(
         f"invalid ARGS_JSON {args_json!r}: expected a JSON array of positional arguments or an "
-        f"object of keyword arguments, not a {type(value).__name__}",
+        f"object of keyword arguments, not {json.dumps(value)[:40]} ({type(value).__name__})",
         2,
     )
 
@@ -334,7 +334,7 @@ def _session(database_url: str | None) -> Iterator[Any]:
     from engine.store.database import check_schema, create_database_engine, translate_errors
 
     settings = _settings(database_url=database_url)
-    database = create_database_engine(settings.database_url)
+    database = create_database_engine(settings.database_url, must_exist=True)
     try:
         check_schema(database, settings.database_url)
         with translate_errors(settings.database_url), database.connect() as connection:

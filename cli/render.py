@@ -110,10 +110,17 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
             lines.append(
                 f"  step {attempt.step} {attempt.task} on queue {attempt.queue!r} since {since}"
             )
-    if run.error and run.error.get("traceback"):
-        lines.append("")
-        lines.append("traceback")
-        lines.extend("  " + line for line in str(run.error["traceback"]).rstrip().splitlines())
+    if run.error:
+        cause = run.error.get("cause")
+        if isinstance(cause, dict) and cause.get("traceback"):
+            lines.append("")
+            task, step = run.error.get("task"), run.error.get("step")
+            lines.append(f"traceback of task {task} (step {step})")
+            lines.extend("  " + line for line in str(cause["traceback"]).rstrip().splitlines())
+        if run.error.get("traceback"):
+            lines.append("")
+            lines.append("traceback of the workflow")
+            lines.extend("  " + line for line in str(run.error["traceback"]).rstrip().splitlines())
     return "\n".join(lines)
 
 

@@ -12,13 +12,16 @@ is also locked (``SELECT ... FOR UPDATE``) so that several engines can share the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -67,6 +70,39 @@ class Processor:
         self.cache = cache
         self.topology = topology
         self.lock_rows = lock_rows
+        self._confirmed: list[int] = []  # outbox ids confirmed by RabbitMQ, not yet deleted
+        self._confirmed_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        """Open a write transaction that also deletes the outbox rows confirmed so far.
+
+        Deleting them here costs no extra commit, and keeps the number of confirmed rows
+        that a crash would leave behind (and the engine would publish again) small.
+        """
+        confirmed = self._take_confirmed()
+        try:
+            with self.sessions.begin() as session:
+                if confirmed:
+                    _delete_outbox(session, confirmed)
+                yield session
+        except BaseException:
+            self.confirm_outbox(confirmed)
+            raise
+
+    def confirm_outbox(self, ids: list[int]) -> None:
+        """Note outbox rows that RabbitMQ confirmed; the next transaction deletes them."""
+        with self._confirmed_lock:
+            self._confirmed.extend(ids)
+
+    def confirmed_outbox(self) -> set[int]:
+        with self._confirmed_lock:
+            return set(self._confirmed)
+
+    def _take_confirmed(self) -> list[int]:
+        with self._confirmed_lock:
+            confirmed, self._confirmed = self._confirmed, []
+        return confirmed
 
     # Starting runs.
 
@@ -79,7 +115,7 @@ class Processor:
         definition = self.registry.workflows[request.workflow]
         effects = Effects(run_id=run_id)
         try:
-            with self.sessions.begin() as session:
+            with self._write() as session:
                 if session.get(Run, run_id) is not None:
                     effects.duplicate = True
                     return effects
@@ -144,7 +180,7 @@ class Processor:
     def _record_result(self, result: protocol.TaskResult) -> Effects:
         effects = Effects(run_id=result.run_id)
         execution: Execution | None = None
-        with self.sessions.begin() as session:
+        with self._write() as session:
             run = self._lock_run(session, result.run_id)
             if run is None:
                 effects.ignored = "unknown run"
@@ -432,16 +468,18 @@ class Processor:
             )
             return list(session.scalars(statement))
 
-    def delete_outbox(self, ids: list[int]) -> None:
-        """Delete outbox messages that RabbitMQ confirmed."""
-        if not ids:
-            return
-        with self.sessions.begin() as session:
-            for chunk_start in range(0, len(ids), 500):
-                chunk = ids[chunk_start : chunk_start + 500]
-                session.query(OutboxMessage).filter(OutboxMessage.id.in_(chunk)).delete(
-                    synchronize_session=False
-                )
+    def flush_confirmed_outbox(self) -> int:
+        """Delete the outbox rows confirmed since the last transaction; return how many."""
+        confirmed = self._take_confirmed()
+        if not confirmed:
+            return 0
+        try:
+            with self.sessions.begin() as session:
+                _delete_outbox(session, confirmed)
+        except BaseException:
+            self.confirm_outbox(confirmed)
+            raise
+        return len(confirmed)
 
     # Engine-side failures.
 
@@ -461,6 +499,12 @@ class Processor:
         with self.sessions() as session:
             run = find_run(session, run_id, business_id=business_id)
             return None if run is None else view_run(run).to_dict()
+
+
+def _delete_outbox(session: Session, ids: list[int]) -> None:
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(chunk)))
 
 
 def _from_epoch(value: float | None) -> dt.datetime | None:

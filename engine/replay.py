@@ -284,7 +284,12 @@ class Execution:
     ) -> NonDeterminismError | None:
         for new, old in zip(steps, recorded, strict=False):
             if not _same_command(new, old):
-                return _mismatch(new.step, old.describe(), new.describe(), self.definition.name)
+                recorded_text, actual_text = old.describe(), new.describe()
+                if recorded_text == actual_text:
+                    # Only the queue differs, or a value whose repr hides its type.
+                    recorded_text += f" on queue {old.queue!r}"
+                    actual_text += f" on queue {new.queue!r}"
+                return _mismatch(new.step, recorded_text, actual_text, self.definition.name)
         recorded_is_list = bool(recorded) and recorded[0].batch is not None
         if len(steps) != len(recorded) or (recorded and recorded_is_list != is_list):
             first = recorded[0].step if recorded else self.next_step

@@ -47,7 +47,7 @@ from engine.store.database import (
 from engine.store.models import OutboxMessage
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings, redact_url
-from zenflow.errors import ConfigurationError, StoreError
+from zenflow.errors import ConfigurationError, SerializationError, StoreError
 from zenflow.registry import Registry
 
 log = structlog.get_logger("engine")
@@ -81,7 +81,6 @@ class EngineService:
         self.topology = protocol.Topology(self.settings.namespace)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self._run_locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        self._confirmed_outbox: list[int] = []
         self._publishing_outbox: set[int] = set()
         self._declared_queues: set[str] = set()
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -102,9 +101,9 @@ class EngineService:
         url = self.settings.database_url
         parsed = parse_database_url(url)
         is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.database = create_database_engine(url, immediate_transactions=True, must_exist=True)
         if is_sqlite:
             self._lock_sqlite(parsed.database or "")
-        self.database = create_database_engine(url, immediate_transactions=True)
         check_schema(self.database, url)
         workers = self.options.workers or (1 if is_sqlite else 4)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-db")
@@ -264,7 +263,8 @@ class EngineService:
             )
         try:
             definition.check_arguments(request.args, request.kwargs)
-        except TypeError as error:
+            serializer.encode([list(request.args), request.kwargs], name="arguments")
+        except (TypeError, SerializationError) as error:
             raise protocol.InvalidMessage("invalid_arguments", str(error), "args") from None
         run_id = request.run_id
         if run_id is None:
@@ -384,7 +384,7 @@ class EngineService:
             return
         finally:
             self._publishing_outbox.discard(row.id)
-        self._confirmed_outbox.append(row.id)
+        self.processor.confirm_outbox([row.id])
         log.debug("task_published", run_id=row.run_id, queue=row.routing_key)
 
     async def _notify_finished(self, run: dict[str, Any]) -> None:
@@ -446,13 +446,9 @@ class EngineService:
             log.info("outbox_republished", messages=total)
 
     async def _flush_outbox(self) -> None:
-        ids, self._confirmed_outbox = self._confirmed_outbox, []
-        if not ids:
-            return
         try:
-            await self._in_thread(self.processor.delete_outbox, ids)
+            await self._in_thread(self.processor.flush_confirmed_outbox)
         except (OperationalError, DBAPIError, StoreError) as error:
-            self._confirmed_outbox.extend(ids)
             log.warning("outbox_flush_failed", error=_aio.describe(error))
 
     async def _flush_outbox_forever(self) -> None:
@@ -469,7 +465,7 @@ class EngineService:
                 log.warning("outbox_sweep_failed", error=_aio.describe(error))
                 continue
             cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
-            pending = set(self._confirmed_outbox) | self._publishing_outbox
+            pending = self.processor.confirmed_outbox() | self._publishing_outbox
             stale = [
                 row for row in rows if row.id not in pending and row.created_at.timestamp() < cutoff
             ]

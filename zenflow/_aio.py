@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aio_pika
@@ -30,6 +31,11 @@ async def connect(
     Raises:
         TransportError: the first connection failed; the message has no password.
     """
+    # A failed first attempt is reported once, by the TransportError below; aiormq would
+    # also log it at error level.
+    aiormq_log = logging.getLogger("aiormq.connection")
+    level = aiormq_log.level
+    aiormq_log.setLevel(logging.CRITICAL)
     try:
         return await aio_pika.connect_robust(
             amqp_url, timeout=timeout, client_properties={"connection_name": name}
@@ -40,6 +46,8 @@ async def connect(
             f"{redact_url(describe(error))}. Check that the broker is running and the URL is "
             "right (--amqp-url or ZENFLOW_AMQP_URL)"
         ) from None
+    finally:
+        aiormq_log.setLevel(level)
 
 
 def describe(error: BaseException) -> str:

@@ -87,7 +87,8 @@ class Client:
             self.close()
             raise TransportError(
                 f"cannot connect to RabbitMQ at {redact_url(self.settings.amqp_url)}: "
-                f"{_describe(error)}. Check that the broker is running and the URL is right"
+                f"{_describe(error)}. Check that the broker is running and the URL is right "
+                "(the given URL, or ZENFLOW_AMQP_URL)"
             ) from None
         self._channel = channel
         return channel
@@ -315,8 +316,10 @@ def _declare_entry(channel: Any, topology: protocol.Topology) -> None:
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return redact_url(f"{type(error).__name__}: {text}" if str(error) else text)
+    # pika's connection errors have an empty str(); their repr names the cause, such as
+    # "AMQPConnectorSocketConnectError: ConnectionRefusedError(111, 'Connection refused')".
+    text = str(error) or (repr(error.args[0]) if error.args else "")
+    return redact_url(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
 _local = threading.local()

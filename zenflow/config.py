@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from zenflow.errors import ConfigurationError
 
@@ -40,10 +41,11 @@ class Settings:
             raise ConfigurationError(
                 f"invalid namespace {self.namespace!r}: use 1 to 50 letters, digits, '_' or '-'"
             )
-        if not self.amqp_url.startswith(("amqp://", "amqps://")):
+        problem = _amqp_url_problem(self.amqp_url)
+        if problem is not None:
             raise ConfigurationError(
-                f"invalid AMQP URL {redact_url(self.amqp_url)!r}: it must start with amqp:// "
-                "or amqps://, for example amqp://guest:guest@localhost:5672/"
+                f"invalid AMQP URL {redact_url(self.amqp_url)!r}: {problem}, for example "
+                "amqp://localhost:5672/ or amqp://user@rabbitmq.internal:5672/vhost"
             )
 
     @classmethod
@@ -64,6 +66,16 @@ class Settings:
             ),
             namespace=_first(namespace, env.get("ZENFLOW_NAMESPACE"), DEFAULT_NAMESPACE),
         )
+
+
+def _amqp_url_problem(url: str) -> str | None:
+    if not url.startswith(("amqp://", "amqps://")):
+        return "it must start with amqp:// or amqps://"
+    try:
+        urlsplit(url).port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return "the port must be a number"
+    return None
 
 
 def _first(*values: str | None) -> Any:

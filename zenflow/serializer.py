@@ -252,7 +252,9 @@ def decode(data: bytes) -> Any:
     except SerializationError:
         raise
     except Exception as error:  # msgpack raises several unrelated types for bad input
-        raise SerializationError(f"invalid msgpack body: {error}") from None
+        # Some msgpack errors have no text, so the type names the problem then.
+        reason = str(error) or type(error).__name__
+        raise SerializationError(f"invalid msgpack body: {reason}") from None
 
 
 def _exceeds_max_depth(container: Any, depth: int) -> bool:

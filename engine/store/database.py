@@ -37,11 +37,17 @@ def parse_database_url(url: str) -> URL:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+        parsed.port  # noqa: B018 - parsing the port raises ValueError for "host:x"
+    except (ArgumentError, ValueError):
         raise ConfigurationError(
             f"invalid database URL {redact_url(url)!r}: use sqlite:///path/to/zenflow.db or "
-            "postgresql://user:password@host:5432/dbname"
+            "postgresql://user@host:5432/dbname"
         ) from None
+    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.port):
+        raise ConfigurationError(
+            f"invalid SQLite URL {redact_url(url)!r}: use three slashes for a relative path "
+            "(sqlite:///zenflow.db) or four for an absolute one (sqlite:////var/lib/zenflow.db)"
+        )
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
@@ -52,13 +58,16 @@ def parse_database_url(url: str) -> URL:
     return parsed
 
 
-def create_database_engine(url: str, *, immediate_transactions: bool = False) -> Engine:
+def create_database_engine(
+    url: str, *, immediate_transactions: bool = False, must_exist: bool = False
+) -> Engine:
     """Create a SQLAlchemy engine for the history database.
 
     ``immediate_transactions`` makes every SQLite transaction take the write lock at BEGIN,
     which the zenflow engine needs because it reads and then writes in one transaction: a
     deferred transaction that later needs the lock can fail at once with "database is
-    locked", whatever the busy timeout.
+    locked", whatever the busy timeout. ``must_exist`` rejects a SQLite file that does not
+    exist instead of creating an empty one, for commands that only read.
     """
     parsed = parse_database_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -68,6 +77,11 @@ def create_database_engine(url: str, *, immediate_transactions: bool = False) ->
             if not folder.is_dir():
                 raise ConfigurationError(
                     f"cannot open SQLite database {database!r}: folder {folder} does not exist"
+                )
+            if must_exist and not Path(database).expanduser().exists():
+                raise StoreError(
+                    f"SQLite database {database!r} does not exist; run `zenflow db upgrade` "
+                    "to create it, or check --database-url"
                 )
         engine = create_engine(
             parsed,

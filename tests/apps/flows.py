@@ -269,7 +269,6 @@ class Chatty(Workflow):
         return second
 
 
-
 class CallsUnregisteredTask(Workflow):
     """Yields a task by name that no agent registers, on a queue of its own."""
 

@@ -7,11 +7,13 @@ waiting on the ``nobody`` queue.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -68,25 +70,22 @@ def environment_without_settings(**overrides: str) -> dict[str, str]:
     return env
 
 
-def assert_clear_error(
-    result: subprocess.CompletedProcess[str], code: int, fragment: str, *, service: bool = False
-) -> None:
+def assert_clear_error(result: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
     """Check that a command failed with one ``error:`` line, a documented code and no secret.
 
-    Services (engine, agent) may also write JSON log lines to stderr before the error line.
+    The engine and the agent may also write JSON log lines to stderr before the error line.
     """
-    output = result.stdout + result.stderr
-    assert result.returncode == code, output
-    assert "Traceback" not in result.stderr
-    assert SECRET not in result.stdout
-    assert SECRET not in result.stderr
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert SECRET not in result.stdout, result.stdout
+    assert SECRET not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert fragment in errors[0]
     assert lines[-1] == errors[0]
     others = [line for line in lines if line != errors[0]]
-    if service:
+    if result.args[1] in ("engine", "agent"):
         for line in others:
             assert isinstance(json.loads(line), dict), line
     else:
@@ -115,9 +114,9 @@ def option_line(page: str, option: str) -> str:
 
 
 SHARED_HELP = {
-    "--amqp-url": "RabbitMQ URL. Default: ZENFLOW_AMQP_URL, else amqp://guest:guest@localhost:5672/.",
+    "--amqp-url": "RabbitMQ URL. Default: $ZENFLOW_AMQP_URL, else amqp://localhost:5672/",
     "--database-url": (
-        "History database URL. Default: ZENFLOW_DATABASE_URL, else sqlite:///zenflow.db."
+        "History database URL. Default: $ZENFLOW_DATABASE_URL, else sqlite:///zenflow.db."
     ),
     "--namespace": "Prefix of exchange and queue names. Default: ZENFLOW_NAMESPACE, else zenflow.",
     "--app": "Module that defines tasks and workflows; repeat for several. Default: ZENFLOW_APP.",
@@ -193,7 +192,7 @@ def test_help_lists_options(command: tuple[str, ...], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", list(HELP_PAGES), ids=lambda c: " ".join(c) or "zenflow")
 def test_help_fits_80_columns(command: tuple[str, ...], tmp_path: Path) -> None:
-    # Rich cuts a word that is longer than its column with "…", which hides the default URLs.
+    # Rich (15.0) cuts a word longer than its column and ends it with "…", hiding default URLs.
     env = environment_without_settings(COLUMNS="80")
     result = zenflow(*command, "--help", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -283,11 +282,6 @@ def test_runs_list_table(cli_cluster: Cluster, recorded: RecordedRuns) -> None:
 
 
 def test_runs_list_filters_status(cli_cluster: Cluster, recorded: RecordedRuns) -> None:
-    table = cli_cluster.zenflow("runs", "list", "--status", "failed")
-    assert table.returncode == 0, table.stderr
-    assert recorded.failed in table.stdout
-    assert recorded.completed not in table.stdout
-
     listing = cli_cluster.zenflow("runs", "list", "--status", "failed", "--json")
     assert listing.returncode == 0, listing.stderr
     runs = json.loads(listing.stdout)
@@ -296,11 +290,6 @@ def test_runs_list_filters_status(cli_cluster: Cluster, recorded: RecordedRuns) 
 
 
 def test_runs_list_filters_workflow(cli_cluster: Cluster, recorded: RecordedRuns) -> None:
-    table = cli_cluster.zenflow("runs", "list", "--workflow", "Ordered")
-    assert table.returncode == 0, table.stderr
-    assert recorded.ordered in table.stdout
-    assert recorded.completed not in table.stdout
-
     listing = cli_cluster.zenflow("runs", "list", "--workflow", "Ordered", "--json")
     assert listing.returncode == 0, listing.stderr
     runs = json.loads(listing.stdout)
@@ -398,7 +387,7 @@ def test_runs_show_failed_run(cli_cluster: Cluster, recorded: RecordedRuns) -> N
     ), text
     assert re.search(rf"step 2 failed\s+Fail: ValueError: boom \({DURATION}", text), text
     assert "run failed: TaskFailed" in text
-    assert "\ntraceback\n" in text
+    assert "\ntraceback of the workflow\n" in text
     assert 'yield Fail("boom")' in text
 
 
@@ -667,7 +656,7 @@ def test_engine_unreachable_broker(
         env=error_env,
         cwd=tmp_path,
     )
-    assert_clear_error(result, EXIT_CONFIGURATION, "cannot connect to RabbitMQ", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "cannot connect to RabbitMQ")
     assert "127.0.0.1:1" in result.stderr
 
 
@@ -675,7 +664,7 @@ def test_agent_unreachable_broker(error_env: dict[str, str], tmp_path: Path) -> 
     result = zenflow(
         "agent", "--app", "flows", "--amqp-url", CLOSED_BROKER_URL, env=error_env, cwd=tmp_path
     )
-    assert_clear_error(result, EXIT_CONFIGURATION, "cannot connect to RabbitMQ", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "cannot connect to RabbitMQ")
     assert "127.0.0.1:1" in result.stderr
 
 
@@ -693,9 +682,7 @@ def test_unreachable_database(
     command: list[str], error_env: dict[str, str], tmp_path: Path
 ) -> None:
     result = zenflow(*command, "--database-url", CLOSED_DATABASE_URL, env=error_env, cwd=tmp_path)
-    assert_clear_error(
-        result, EXIT_CONFIGURATION, "postgresql://postgres:***@127.0.0.1:1/nope", service=True
-    )
+    assert_clear_error(result, EXIT_CONFIGURATION, "postgresql://postgres:***@127.0.0.1:1/nope")
     assert "Connection refused" in result.stderr
 
 
@@ -705,10 +692,22 @@ def test_unreachable_database(
     ids=lambda c: " ".join(c[:2]),
 )
 def test_unmigrated_database(command: list[str], error_env: dict[str, str], tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    path = tmp_path / "fresh.db"
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE unrelated (id INTEGER)")
+    url = f"sqlite:///{path}"
     result = zenflow(*command, "--database-url", url, env=error_env, cwd=tmp_path)
-    assert_clear_error(result, EXIT_CONFIGURATION, "run `zenflow db upgrade`", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "run `zenflow db upgrade`")
     assert "not migrated" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["runs", "list"], ["engine", "--app", "flows"]])
+def test_missing_sqlite_file(command: list[str], error_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "absent.db"
+    result = zenflow(*command, "--database-url", f"sqlite:///{path}", env=error_env, cwd=tmp_path)
+    assert_clear_error(result, EXIT_CONFIGURATION, "run `zenflow db upgrade`")
+    assert "does not exist" in result.stderr
+    assert not path.exists()
 
 
 def test_unmigrated_postgresql(error_env: dict[str, str], tmp_path: Path) -> None:
@@ -732,7 +731,7 @@ def test_missing_sqlite_folder(error_env: dict[str, str], tmp_path: Path) -> Non
 @pytest.mark.parametrize("command", ["engine", "agent"])
 def test_app_module_not_found(command: str, error_env: dict[str, str], tmp_path: Path) -> None:
     result = zenflow(command, "--app", "does_not_exist", env=error_env, cwd=tmp_path)
-    assert_clear_error(result, EXIT_CONFIGURATION, "'does_not_exist' not found", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "'does_not_exist' not found")
 
 
 @pytest.mark.parametrize("command", ["engine", "agent"])
@@ -744,14 +743,14 @@ def test_app_module_raises_at_import(
         f'raise RuntimeError("no settings for amqp://guest:{SECRET}@127.0.0.1:1/")\n'
     )
     result = zenflow(command, "--app", "broken_app", env=error_env, cwd=tmp_path)
-    assert_clear_error(result, EXIT_CONFIGURATION, "'broken_app' failed to import", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "'broken_app' failed to import")
     assert "RuntimeError: no settings for" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["engine", "agent"])
 def test_app_module_missing(command: str, error_env: dict[str, str], tmp_path: Path) -> None:
     result = zenflow(command, env=error_env, cwd=tmp_path)
-    assert_clear_error(result, EXIT_CONFIGURATION, "--app MODULE", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "--app MODULE")
 
 
 @pytest.mark.parametrize(
@@ -779,9 +778,7 @@ def test_invalid_namespace(
 ) -> None:
     env = dict(error_env, ZENFLOW_DATABASE_URL=migrated_url)
     result = zenflow(*command, "--namespace", "bad/namespace", env=env, cwd=tmp_path)
-    assert_clear_error(
-        result, EXIT_CONFIGURATION, "invalid namespace 'bad/namespace'", service=True
-    )
+    assert_clear_error(result, EXIT_CONFIGURATION, "invalid namespace 'bad/namespace'")
 
 
 def test_invalid_amqp_url(error_env: dict[str, str], tmp_path: Path) -> None:
@@ -797,13 +794,31 @@ def test_invalid_database_url(
     command: list[str], error_env: dict[str, str], tmp_path: Path
 ) -> None:
     result = zenflow(*command, "--database-url", "notadb://x", env=error_env, cwd=tmp_path)
-    assert_clear_error(result, EXIT_CONFIGURATION, "'notadb'", service=True)
+    assert_clear_error(result, EXIT_CONFIGURATION, "'notadb'")
 
 
-def test_unparsable_database_url(error_env: dict[str, str], tmp_path: Path) -> None:
-    url = f"not a url {SECRET}"
-    result = zenflow("runs", "list", "--database-url", url, env=error_env, cwd=tmp_path)
-    assert_clear_error(result, EXIT_CONFIGURATION, "invalid database URL")
+@pytest.mark.parametrize(
+    ("command", "fragment"),
+    [
+        # Two slashes in place of three: SQLAlchemy parses it, then its SQLite dialect rejects it.
+        (["runs", "list", "--database-url", "sqlite://zenflow.db"], "sqlite://zenflow.db"),
+        (["db", "upgrade", "--database-url", "sqlite://zenflow.db"], "sqlite://zenflow.db"),
+        (
+            ["runs", "list", "--database-url", f"postgresql://postgres:{SECRET}@127.0.0.1:x/db"],
+            "invalid database URL",
+        ),
+        (
+            ["start", "Sequential", "--amqp-url", f"amqp://guest:{SECRET}@127.0.0.1:x/"],
+            "invalid AMQP URL",
+        ),
+    ],
+    ids=["sqlite two slashes", "db upgrade sqlite two slashes", "database port", "amqp port"],
+)
+def test_malformed_url(
+    command: list[str], fragment: str, error_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = zenflow(*command, env=error_env, cwd=tmp_path)
+    assert_clear_error(result, EXIT_CONFIGURATION, fragment)
 
 
 # Migrations.
@@ -828,17 +843,17 @@ def test_db_upgrade_postgresql(error_env: dict[str, str], tmp_path: Path) -> Non
     require_service("PostgreSQL", POSTGRES_ADMIN_URL, 5432)
     database = Database("postgresql", tmp_path)
     try:
-        # The server trusts local connections, so the password is sent but not checked.
+        # The test server uses trust authentication on 127.0.0.1, so it never checks the password.
         url = database.url.replace("://postgres@", f"://postgres:{SECRET}@")
-        shown = database.url.replace("://postgres@", "://postgres:***@")
+        redacted_url = database.url.replace("://postgres@", "://postgres:***@")
         first = zenflow("db", "upgrade", "--database-url", url, env=error_env, cwd=tmp_path)
         assert first.returncode == 0, first.stderr
-        assert f"database {shown} upgraded from empty to revision" in first.stdout
+        assert f"database {redacted_url} upgraded from empty to revision" in first.stdout
         assert SECRET not in first.stdout + first.stderr
 
         second = zenflow("db", "upgrade", "--database-url", url, env=error_env, cwd=tmp_path)
         assert second.returncode == 0, second.stderr
-        assert f"database {shown} is up to date" in second.stdout
+        assert f"database {redacted_url} is up to date" in second.stdout
         assert SECRET not in second.stdout + second.stderr
 
         listing = zenflow("runs", "list", "--database-url", url, env=error_env, cwd=tmp_path)

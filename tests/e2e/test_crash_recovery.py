@@ -1,8 +1,10 @@
 """Crash recovery: engines and agents killed (SIGKILL) or stopped (SIGTERM) under load.
 
-Every test starts real processes on a fresh database (SQLite and PostgreSQL) and checks,
-from the database, that each run completes with exactly one result per step. The counts
-printed by the tests (kills, duplicate results ignored) show with ``pytest -s``.
+Every test starts real processes on a fresh database (SQLite and PostgreSQL). It checks,
+from the database, that each run completes with exactly one result per step. It also checks
+that the engine empties its outbox, which shows that RabbitMQ confirmed every task message
+the engine wrote. The counts printed by the tests (kills, duplicate results ignored) show
+with ``pytest -s``.
 """
 
 from __future__ import annotations
@@ -115,6 +117,13 @@ def wait_for_runs(cluster: Cluster, run_ids: list[str], engine: Process) -> None
         f"all {len(run_ids)} runs to finish",
         alive=engine,
     )
+    wait_for(
+        cluster,
+        lambda: cluster.database.scalar("SELECT COUNT(*) FROM outbox") == 0,
+        "the engine to empty the outbox",
+        timeout=30,
+        alive=engine,
+    )
 
 
 def run_result(database: Database, run_id: str) -> Any:
@@ -140,6 +149,9 @@ def assert_steps_runs_recovered(database: Database, run_ids: list[str]) -> None:
         assert run_result(database, run_id) == STEPS_RESULT, run_id
     for run_id in run_ids:
         assert database.results_per_step(run_id) == one_result_per_step(STEPS), run_id
+    # Every attempt got its result, so none is left waiting in the attempts table.
+    queued = database.scalar("SELECT COUNT(*) FROM attempts WHERE status = 'queued'")
+    assert queued == 0
 
 
 def assert_no_error_logged(cluster: Cluster) -> None:

@@ -127,16 +127,28 @@ def test_db_upgrade_from_installed_wheel(tmp_path: Path) -> None:
     """The migrations ship inside the package: no alembic.ini or repository needed."""
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(wheel_dir), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     target = tmp_path / "site"
     wheels = list(wheel_dir.glob("zenflow-*.whl"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-         str(wheels[0])],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheels[0]),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -151,7 +163,11 @@ def test_db_upgrade_from_installed_wheel(tmp_path: Path) -> None:
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
-        env=env, cwd=elsewhere, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "upgraded from empty" in result.stdout

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 APP = "shipping"
 TASK_QUEUES = ("stock", "parked")
 
-# The module's tasks and the Probe workflow are the same in both versions; only the body of
+# The module's tasks and the Probe workflow are the same in both versions. Only the body of
 # Shipment.handle changes. Audit writes a marker file, so a test can see whether it ran.
 # Shipment.__init__ appends the process id to a file, so a test can see which engine
 # process built the workflow object.
@@ -167,7 +167,7 @@ class VersionedCluster(Cluster):
         env = super().env
         if self.code_folder is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(self.code_folder), env["PYTHONPATH"]])
-        # v1 and v2 live in separate folders; this also keeps a stale .pyc out of the way.
+        # v1 and v2 are in separate folders, and without .pyc files a stale one cannot be used.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
@@ -301,7 +301,7 @@ def assert_nothing_published_after_failure(
 ) -> None:
     assert scheduled_steps(cluster, run_id) == scheduled_before
     # A later run's task on the stock queue is a barrier: the agent runs one task at a
-    # time, in queue order, so a task published for the failed run would have run first.
+    # time, in queue order, so a stock task published for the failed run would run first.
     probe = start_run(cluster, "Probe", "probe")
     wait_until(lambda: finished_status(cluster, probe), 30, message="the probe run to finish")
     assert cluster.database.run_status(probe) == "completed"
@@ -310,13 +310,13 @@ def assert_nothing_published_after_failure(
 
 
 def assert_timeline_shown(cluster: VersionedCluster, run_id: str, steps: int) -> None:
-    shown = cluster.zenflow("runs", "show", run_id)
-    assert shown.returncode == 0, shown.stderr
-    assert "status       failed" in shown.stdout
-    assert "timeline" in shown.stdout
+    timeline = cluster.zenflow("runs", "show", run_id)
+    assert timeline.returncode == 0, timeline.stderr
+    assert "status       failed" in timeline.stdout
+    assert "timeline" in timeline.stdout
     for step in range(1, steps + 1):
-        assert f"step {step} scheduled" in shown.stdout
-    assert "run failed: NonDeterminismError" in shown.stdout
+        assert f"step {step} scheduled" in timeline.stdout
+    assert "run failed: NonDeterminismError" in timeline.stdout
 
     as_json = cluster.zenflow("runs", "show", run_id, "--json")
     assert as_json.returncode == 0, as_json.stderr
@@ -358,6 +358,8 @@ def check_mismatch(
     assert recorded in error["message"]
     assert actual in error["message"]
     assert cluster.database.results_per_step(run_id).get(parked) == 1
+    # The engine logs run_failed after the commit that the status check saw.
+    engine.wait_for_log("run_failed")
     failures = log_events(engine, "run_failed")
     assert [line.get("error_type") for line in failures] == ["NonDeterminismError"]
     assert_nothing_published_after_failure(cluster, run_id, scheduled_before)
@@ -437,6 +439,7 @@ def test_unchanged_code_replays_and_completes(cluster: VersionedCluster) -> None
     wait_until(lambda: finished_status(cluster, run_id), 30, message="the run to finish")
 
     assert cluster.database.run_status(run_id) == "completed"
+    engine.wait_for_log("run_completed")
     with cluster.client() as client:
         result = client.wait(run_id, timeout=10)
     assert result == {"reservation": "reserved 1 x A-1", "label": "label for reserved 1 x A-1"}

@@ -406,7 +406,7 @@ def test_recorded_commands_of_shipment() -> None:
     assert described == ["ReserveStock('A-1')", "Ship('ReserveStock#1')"]
 
 
-def test_replay_of_parked_run_continues_live() -> None:
+def test_parked_replay_continues_live() -> None:
     parked = new_execution(Shipment, "A-1")
     drive(parked, stop_before=2)
     history = copy_history(parked)
@@ -425,7 +425,7 @@ def test_replay_of_parked_run_continues_live() -> None:
     assert finished.status == "completed"
 
 
-def test_replay_of_parked_run_schedules_next_step() -> None:
+def test_parked_replay_schedules_next_step() -> None:
     parked = new_execution(Batch, ["A-1", "B-2"])
     drive(parked, stop_before=1)
     history = copy_history(parked)
@@ -442,7 +442,7 @@ def test_replay_of_parked_run_schedules_next_step() -> None:
     assert progress.new_steps[0].decision == 2
 
 
-def test_equal_arguments_in_other_key_order_match() -> None:
+def test_reordered_map_argument_matches() -> None:
     live = recorded_run(EchoesMap)
     replay = new_execution(EchoesReorderedMap, history=copy_history(live), name="EchoesMap")
 
@@ -452,7 +452,7 @@ def test_equal_arguments_in_other_key_order_match() -> None:
     assert finished.status == "completed"
 
 
-def test_function_workflow_from_registry_replays() -> None:
+def test_function_workflow_replays() -> None:
     registry = registry_with(reserve_and_ship)
     definition = registry.workflows["reserve_and_ship"]
     live = Execution(definition, RunContext("run-2", definition.name), ("A-1",), {})
@@ -598,7 +598,7 @@ def test_changed_code_fails_with_mismatch(
 @pytest.mark.parametrize(
     ("recorded_code", "changed_code", "args", "step", "recorded", "actual"), MISMATCHES
 )
-def test_mismatch_in_parked_run_schedules_nothing(
+def test_parked_mismatch_schedules_nothing(
     recorded_code: Any,
     changed_code: Any,
     args: tuple[Any, ...],
@@ -662,7 +662,7 @@ def test_logger_logs_during_live_run() -> None:
     assert events == ["shipment_started", "stock_reserved", "shipment_labelled"]
 
 
-def test_logger_silent_until_last_recorded_result() -> None:
+def test_logger_silent_until_last_result() -> None:
     live = recorded_run(Shipment, "A-1")
     replay = new_execution(Shipment, "A-1", history=copy_history(live))
 
@@ -820,7 +820,7 @@ def test_dispatch_only_finishes_in_one_advance() -> None:
     assert progress.finished.status == "completed"
 
 
-def test_dispatch_result_arriving_later_is_ignored_by_replay() -> None:
+def test_dispatched_result_ignored_by_replay() -> None:
     live = recorded_run(DispatchThenWait)
     history = copy_history(live)
     history.steps[1].outcome = Outcome(True, value="dispatched task result")
