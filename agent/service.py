@@ -2,8 +2,8 @@
 
 Sync tasks run in a thread pool and async tasks on the event loop, so the AMQP connection
 keeps sending heartbeats while a long or CPU-bound task runs. The prefetch count equals the
-concurrency, shared by all the agent's queues, so an agent never holds a message it cannot
-start at once.
+concurrency, shared by all the agent's queues, so an agent never keeps a message that it
+cannot start at once.
 
 A task message is acknowledged only after its result was confirmed by RabbitMQ. If the
 agent dies before that, RabbitMQ delivers the message again and the task runs again; the
@@ -259,7 +259,7 @@ class AgentService:
         return True
 
     async def _reject(self, message: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
-        """Drop an undecodable task message, answering with an error if it can be routed."""
+        """Drop an undecodable task message, and reply with an error result if it can be routed."""
         self.stats["rejected"] += 1
         log.warning("task_message_rejected", reason=reason, correlation_id=message.correlation_id)
         parts = (message.correlation_id or "").split(":")

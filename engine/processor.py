@@ -5,8 +5,8 @@ it has committed. Outgoing task messages are written to the ``outbox`` table in 
 transaction as the history that caused them, so a crash between the commit and the publish
 loses nothing: the engine publishes the outbox again when it starts.
 
-These methods are synchronous; the AMQP service runs them in worker threads and holds a
-per-run lock, so that one run is advanced by one thread at a time. On PostgreSQL the run row
+These methods are synchronous. The AMQP service runs them in worker threads and takes a
+per-run lock first, so that one run is advanced by one thread at a time. On PostgreSQL the run row
 is also locked (``SELECT ... FOR UPDATE``) so that several engines can share the database.
 """
 
@@ -44,7 +44,7 @@ def utcnow() -> dt.datetime:
 
 @dataclasses.dataclass
 class Effects:
-    """What to publish after the transaction committed."""
+    """Messages to publish, and facts to log, once the transaction has committed."""
 
     outbox: list[OutboxMessage] = dataclasses.field(default_factory=list)
     finished: dict[str, Any] | None = None  # the run's view, when the run just ended

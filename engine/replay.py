@@ -76,7 +76,7 @@ class History:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    """How a workflow ended: ``completed`` with ``result``, or ``failed`` with ``error``."""
+    """The end of a workflow: ``completed`` with ``result``, or ``failed`` with ``error``."""
 
     status: Literal["completed", "failed"]
     result: bytes | None = None
@@ -85,7 +85,7 @@ class Finished:
 
 @dataclasses.dataclass
 class Progress:
-    """What one advance produced: steps to schedule, and the end of the run if reached."""
+    """The outcome of one advance: steps to schedule, and the end of the run if reached."""
 
     new_steps: list[Step] = dataclasses.field(default_factory=list)
     finished: Finished | None = None
@@ -216,7 +216,10 @@ class Execution:
             )
             self._step(lambda: generator.throw(error), history, progress)
         else:
-            value = values if self.pending_is_list else (values[0] if values else None)
+            if self.pending_is_list:
+                value: Any = values
+            else:
+                value = values[0] if values else None
             self._step(lambda: generator.send(value), history, progress)
 
     def _step(self, resume: Any, history: History, progress: Progress) -> None:

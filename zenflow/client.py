@@ -186,8 +186,8 @@ class Client:
     def wait(self, run_id: str, timeout: float | None = None) -> Any:
         """Wait until the run finishes and return its result.
 
-        The engine announces finished runs on the runs exchange; the state is also polled
-        every few seconds, so that a notification lost to a reconnect only delays the return.
+        The engine announces finished runs on the runs exchange. The state is also polled
+        every few seconds, so a notification lost to a reconnect only delays the return.
 
         Raises:
             RunFailed: the run failed; ``error`` holds the stored error.
@@ -230,7 +230,8 @@ class Client:
         """Return the run's state, or a pending state while its start may still be queued.
 
         The engine handles requests concurrently, so a query sent right after a start can
-        overtake it; a missing run counts as not yet started for ``START_GRACE`` seconds.
+        overtake it. A missing run therefore counts as not yet started for ``START_GRACE``
+        seconds.
         """
         try:
             return self.get_run(run_id, timeout=timeout)

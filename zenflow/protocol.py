@@ -81,7 +81,7 @@ class Topology:
 
 
 class InvalidMessage(ZenflowError):
-    """A message that does not follow the schema; ``code`` and ``field`` say why."""
+    """A message that does not follow the schema, with the reason in ``code`` and ``field``."""
 
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)

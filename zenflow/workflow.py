@@ -99,8 +99,8 @@ def _reject_inside_workflow(name: str) -> None:
     from zenflow.context import current_run
 
     if current_run() is not None:
-        # NOTE: starting child workflows from workflow code needs a recorded command so that
-        # replay does not start a second run; until then, starting one here is rejected.
+        # NOTE: a child workflow needs a recorded command, or replay would start it again.
+        # Until that command exists, starting a workflow here is rejected.
         raise DefinitionError(
             f"cannot start workflow {name} from inside a workflow: child workflows are not "
             "supported yet; start it from a task instead"

@@ -63,10 +63,10 @@ def create_database_engine(
 ) -> Engine:
     """Create a SQLAlchemy engine for the history database.
 
-    ``immediate_transactions`` makes every SQLite transaction take the write lock at BEGIN,
-    which the zenflow engine needs because it reads and then writes in one transaction: a
-    deferred transaction that later needs the lock can fail at once with "database is
-    locked", whatever the busy timeout. ``must_exist`` rejects a SQLite file that does not
+    ``immediate_transactions`` makes every SQLite transaction take the write lock at BEGIN.
+    The engine needs it because it reads and then writes in one transaction, and a deferred
+    transaction that later needs the lock can fail at once with "database is locked",
+    whatever the busy timeout. ``must_exist`` rejects a SQLite file that does not
     exist instead of creating an empty one, for commands that only read.
     """
     parsed = parse_database_url(url)
