@@ -101,15 +101,13 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
         offset = (entry.created_at - run.created_at).total_seconds()
         described = _describe_entry(entry, scheduled_at, names, attempts_by_step)
         lines.append(f"  {'+' + format(offset, '.3f') + 's':>10}  {described}")
-    waiting = [attempt for attempt in attempts if attempt.status == "queued"]
+    waiting = waiting_steps(history)
     if run.status == "running" and waiting:
         lines.append("")
         lines.append("waiting for")
-        for attempt in waiting:
-            since = format_instant(attempt.queued_at)
-            lines.append(
-                f"  step {attempt.step} {attempt.task} on queue {attempt.queue!r} since {since}"
-            )
+        for entry in waiting:
+            since = format_instant(entry.created_at)
+            lines.append(f"  step {entry.step} {entry.name} on queue {entry.queue!r} since {since}")
     if run.error:
         cause = run.error.get("cause")
         if isinstance(cause, dict) and cause.get("traceback"):
@@ -122,6 +120,14 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
             lines.append("traceback of the workflow")
             lines.extend("  " + line for line in str(run.error["traceback"]).rstrip().splitlines())
     return "\n".join(lines)
+
+
+def waiting_steps(history: list[HistoryEntry]) -> list[HistoryEntry]:
+    """Return the scheduled steps that the workflow waits for and that have no result yet."""
+    finished = {entry.step for entry in history if entry.kind in ("task_completed", "task_failed")}
+    return [
+        entry for entry in history if entry.kind == "task_scheduled" and entry.step not in finished
+    ]
 
 
 def _describe_entry(

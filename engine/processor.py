@@ -6,36 +6,41 @@ transaction as the history that caused them, so a crash between the commit and t
 loses nothing: the engine publishes the outbox again when it starts.
 
 These methods are synchronous. The AMQP service runs them in worker threads and takes a
-per-run lock first, so that one run is advanced by one thread at a time. On PostgreSQL the run row
-is also locked (``SELECT ... FOR UPDATE``) so that several engines can share the database.
+per-run lock first, so that one run is advanced by one thread at a time. On PostgreSQL the
+run row is also locked (``SELECT ... FOR UPDATE``) so that several engines can share the
+database.
+
+A step of a cached run reads only the run row: the cached execution holds the run's steps
+and their outcomes, and its revision proves they match the database.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from engine.cache import ExecutionCache
 from engine.replay import Execution, History, Outcome, Progress, Step, error_dict
-from engine.store.models import RESULT_KINDS, Attempt, HistoryEntry, OutboxMessage, Run
+from engine.store.models import RESULT_KINDS, HistoryEntry, OutboxMessage
 from engine.store.queries import dump_json, find_run, view_run
+from engine.writer import OutgoingMessage, RunState, Sql, StaleRun, Writer, delete_outbox
 from zenflow import protocol, serializer
 from zenflow.context import RunContext
-from zenflow.registry import Registry
+from zenflow.registry import Registry, WorkflowDefinition
 
 log = structlog.get_logger("engine")
 
 SCHEDULED_KINDS = ("task_scheduled", "task_dispatched")
+
+HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
+OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
 
 
 def utcnow() -> dt.datetime:
@@ -46,7 +51,7 @@ def utcnow() -> dt.datetime:
 class Effects:
     """Messages to publish, and facts to log, once the transaction has committed."""
 
-    outbox: list[OutboxMessage] = dataclasses.field(default_factory=list)
+    outbox: list[OutgoingMessage] = dataclasses.field(default_factory=list)
     finished: dict[str, Any] | None = None  # the run's view, when the run just ended
     run_id: str | None = None
     duplicate: bool = False
@@ -58,51 +63,21 @@ class Processor:
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        database: Engine,
         registry: Registry,
         cache: ExecutionCache,
         topology: protocol.Topology,
         *,
         lock_rows: bool,
     ) -> None:
-        self.sessions = sessions
+        self.database = database
         self.registry = registry
         self.cache = cache
         self.topology = topology
         self.lock_rows = lock_rows
-        self._confirmed: list[int] = []  # outbox ids confirmed by RabbitMQ, not yet deleted
+        self.sql = Sql(database.dialect.name)
+        self._confirmed: list[str] = []  # outbox ids confirmed by RabbitMQ, not yet deleted
         self._confirmed_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
-        """Open a write transaction that also deletes the outbox rows confirmed so far.
-
-        Deleting them here costs no extra commit, and keeps the number of confirmed rows
-        that a crash would leave behind (and the engine would publish again) small.
-        """
-        confirmed = self._take_confirmed()
-        try:
-            with self.sessions.begin() as session:
-                if confirmed:
-                    _delete_outbox(session, confirmed)
-                yield session
-        except BaseException:
-            self.confirm_outbox(confirmed)
-            raise
-
-    def confirm_outbox(self, ids: list[int]) -> None:
-        """Note outbox rows that RabbitMQ confirmed; the next transaction deletes them."""
-        with self._confirmed_lock:
-            self._confirmed.extend(ids)
-
-    def confirmed_outbox(self) -> set[int]:
-        with self._confirmed_lock:
-            return set(self._confirmed)
-
-    def _take_confirmed(self) -> list[int]:
-        with self._confirmed_lock:
-            confirmed, self._confirmed = self._confirmed, []
-        return confirmed
 
     # Starting runs.
 
@@ -112,192 +87,167 @@ class Processor:
         A run id that already exists is a redelivered or repeated request: nothing changes
         and ``Effects.duplicate`` is set.
         """
+        try:
+            return self._start_run(request, run_id)
+        except IntegrityError:
+            # Another engine inserted the same run id between the check and the insert.
+            if self.get_run(run_id, None) is None:
+                raise
+            return Effects(run_id=run_id, duplicate=True)
+
+    def _start_run(self, request: protocol.StartRequest, run_id: str) -> Effects:
         definition = self.registry.workflows[request.workflow]
         effects = Effects(run_id=run_id)
-        try:
-            with self._write() as session:
-                if session.get(Run, run_id) is not None:
-                    effects.duplicate = True
-                    return effects
-                now = utcnow()
-                business_id = request.business_id or self._business_id(definition, request)
-                run = Run(
-                    id=run_id,
-                    workflow=request.workflow,
-                    business_id=business_id,
-                    status="running",
-                    input=serializer.encode([list(request.args), request.kwargs], name="input"),
-                    revision=0,
-                    next_step=1,
-                    created_at=now,
-                    updated_at=now,
-                )
-                session.add(run)
-                # The models declare no relationships, so the run row must reach the
-                # database before the rows whose foreign keys refer to it.
-                session.flush()
-                self._append(session, run, "run_started", payload=run.input)
-                context = RunContext(run_id, request.workflow, business_id)
-                execution = Execution(definition, context, request.args, request.kwargs)
-                progress = execution.advance()
-                self._apply(session, run, execution, progress, effects)
-        except IntegrityError as error:
-            # Another engine inserted the same run id between our check and our insert.
-            if not self._run_exists(run_id):
-                raise
-            log.debug("start_raced", error=str(error))
-            return Effects(run_id=run_id, duplicate=True)
-        self._keep(run_id, execution, effects)
+        with self.database.begin() as connection:
+            if RunState.load(connection, self.sql, run_id, lock=False) is not None:
+                effects.duplicate = True
+                return effects
+            now = utcnow()
+            business_id = request.business_id or _business_id(definition, request)
+            run = RunState(
+                id=run_id,
+                workflow=request.workflow,
+                business_id=business_id,
+                status="running",
+                input=serializer.encode([list(request.args), request.kwargs], name="input"),
+                result=None,
+                error=None,
+                revision=0,
+                next_step=1,
+                created_at=now,
+                updated_at=now,
+                finished_at=None,
+            )
+            writer = Writer(connection, self.sql, run, now, new=True)
+            writer.append("run_started", payload=run.input)
+            context = RunContext(run_id, request.workflow, business_id)
+            execution = Execution(definition, context, request.args, request.kwargs)
+            self._apply(writer, execution, execution.advance(), effects)
+            effects.outbox = writer.flush()
+        self._keep(run, execution, effects)
         return effects
-
-    def _run_exists(self, run_id: str) -> bool:
-        with self.sessions() as session:
-            return session.get(Run, run_id) is not None
-
-    def _business_id(self, definition: Any, request: protocol.StartRequest) -> str | None:
-        try:
-            instance = definition.instantiate(request.args, request.kwargs)
-            business_id = instance.id() if instance is not None else None
-        except Exception:
-            # The execution instantiates the workflow again and fails the run with the error.
-            return None
-        if business_id is None:
-            return None
-        text = str(business_id)
-        return text[: protocol.MAX_BUSINESS_ID_LENGTH]
 
     # Recording results.
 
     def record_result(self, result: protocol.TaskResult) -> Effects:
-        """Record a task attempt's outcome and advance the run if the workflow waits for it."""
+        """Record a task attempt's outcome and advance the run if the workflow waits for it.
+
+        A cached run is advanced without reading its row first: the final update of the
+        row checks that its revision is still the cached one. If another engine changed
+        the run meanwhile, the transaction is rolled back and done again from the database.
+        """
         try:
-            return self._record_result(result)
+            try:
+                return self._record_result(result, trust_cache=True)
+            except StaleRun:
+                self.cache.discard(result.run_id)
+                return self._record_result(result, trust_cache=False)
         except BaseException:
             # The cached generator may have advanced past what the database now holds.
             self.cache.discard(result.run_id)
             raise
 
-    def _record_result(self, result: protocol.TaskResult) -> Effects:
+    def _record_result(self, result: protocol.TaskResult, *, trust_cache: bool) -> Effects:
         effects = Effects(run_id=result.run_id)
-        execution: Execution | None = None
-        with self._write() as session:
-            run = self._lock_run(session, result.run_id)
-            if run is None:
-                effects.ignored = "unknown run"
-                return effects
-            scheduled = session.scalars(
-                select(HistoryEntry).where(
-                    HistoryEntry.run_id == run.id,
-                    HistoryEntry.step == result.step,
-                    HistoryEntry.kind.in_(SCHEDULED_KINDS),
-                )
-            ).first()
-            if scheduled is None:
+        with self.database.begin() as connection:
+            execution = self.cache.get(result.run_id)
+            trusted = trust_cache and execution is not None and execution.run_state is not None
+            if trusted:
+                assert execution is not None
+                run = dataclasses.replace(execution.run_state)
+            else:
+                loaded = RunState.load(connection, self.sql, result.run_id, lock=self.lock_rows)
+                if loaded is None:
+                    effects.ignored = "unknown run"
+                    return effects
+                run = loaded
+                if execution is not None and execution.revision != run.revision:
+                    self.cache.discard(run.id)
+                    execution = None
+            if execution is not None:
+                history = execution.history
+            else:
+                history = _load_history(connection, run.id)
+            step = history.steps.get(result.step)
+            if step is None:
+                if trusted:
+                    # Another engine may have scheduled the step: read the database.
+                    raise StaleRun(f"run {run.id} has no step {result.step} in the cache")
                 effects.ignored = f"run {run.id} has no step {result.step}"
                 return effects
+
             now = utcnow()
-            self._update_attempt(session, run, result, scheduled, now)
-            if self._has_result(session, run.id, result.step):
+            writer = Writer(connection, self.sql, run, now, new=False)
+            writer.add_attempt(
+                step=result.step,
+                attempt=result.attempt,
+                task=step.name,
+                queue=step.queue,
+                status="completed" if result.ok else "failed",
+                agent=result.agent[:255] or None,
+                queued_at=step.scheduled_at or now,
+                started_at=_from_epoch(result.started_at),
+                finished_at=_from_epoch(result.finished_at) or now,
+                error=dump_json(result.error),
+            )
+            if step.outcome is not None:
                 effects.duplicate = True
-                self._append(
-                    session,
-                    run,
+                writer.append(
                     "result_ignored",
                     step=result.step,
-                    name=scheduled.name,
+                    name=step.name,
                     attempt=result.attempt,
                     error=dump_json({"reason": "the step already has a result"}),
                 )
-                return effects
-            revision_before = run.revision
-            outcome = self._outcome(result)
-            self._append(
-                session,
-                run,
+                return self._finish_transaction(writer, execution, effects)
+
+            if result.ok:
+                outcome = Outcome(True, value=result.value)
+            else:
+                outcome = Outcome(False, error=result.error)
+            step.outcome = outcome
+            writer.append(
                 "task_completed" if outcome.ok else "task_failed",
                 step=result.step,
-                name=scheduled.name,
-                queue=scheduled.queue,
+                name=step.name,
+                queue=step.queue,
                 attempt=result.attempt,
                 payload=serializer.encode(outcome.value, name="value") if outcome.ok else None,
                 error=dump_json(outcome.error),
             )
-            if scheduled.kind == "task_dispatched" or run.status != "running":
+            if step.mode == "dispatch" or run.status != "running":
                 if run.status != "running":
                     effects.ignored = f"run is {run.status}"
-                run.updated_at = now
-                return effects
-            execution = self._execution_for(session, run, revision_before)
+                return self._finish_transaction(writer, execution, effects)
+
             if execution is None:
-                effects.finished = view_run(run).to_dict()
-                return effects
-            if result.step in execution.history.steps:
-                execution.record_outcome(result.step, outcome)
-            progress = execution.advance()
-            self._apply(session, run, execution, progress, effects)
-        if execution is not None:
-            self._keep(run.id, execution, effects)
+                execution = self._rebuild(writer, history, effects)
+                if execution is None:
+                    effects.outbox = writer.flush()
+                    return effects
+            self._apply(writer, execution, execution.advance(), effects)
+            effects.outbox = writer.flush()
+        self._keep(run, execution, effects)
         return effects
 
-    def _outcome(self, result: protocol.TaskResult) -> Outcome:
-        if result.ok:
-            return Outcome(True, value=result.value)
-        return Outcome(False, error=result.error)
+    def _finish_transaction(
+        self, writer: Writer, execution: Execution | None, effects: Effects
+    ) -> Effects:
+        """Flush a transaction that does not advance the workflow, keeping the cache valid."""
+        effects.outbox = writer.flush()
+        if execution is not None:
+            execution.revision = writer.run.revision
+            execution.run_state = dataclasses.replace(writer.run)
+        return effects
 
-    def _has_result(self, session: Session, run_id: str, step: int) -> bool:
-        statement = select(HistoryEntry.id).where(
-            HistoryEntry.run_id == run_id,
-            HistoryEntry.step == step,
-            HistoryEntry.kind.in_(RESULT_KINDS),
-        )
-        return session.scalars(statement).first() is not None
-
-    def _update_attempt(
-        self,
-        session: Session,
-        run: Run,
-        result: protocol.TaskResult,
-        scheduled: HistoryEntry,
-        now: dt.datetime,
-    ) -> None:
-        attempt = session.scalars(
-            select(Attempt).where(
-                Attempt.run_id == run.id,
-                Attempt.step == result.step,
-                Attempt.attempt == result.attempt,
-            )
-        ).first()
-        if attempt is None:
-            attempt = Attempt(
-                run_id=run.id,
-                step=result.step,
-                attempt=result.attempt,
-                task=scheduled.name or "",
-                queue=scheduled.queue or "",
-                status="queued",
-                queued_at=now,
-            )
-            session.add(attempt)
-        if attempt.status != "queued":
-            return  # a redelivered result for an attempt that is already recorded
-        attempt.status = "completed" if result.ok else "failed"
-        attempt.agent = result.agent[:255] or None
-        attempt.started_at = _from_epoch(result.started_at)
-        attempt.finished_at = _from_epoch(result.finished_at) or now
-        attempt.error = dump_json(result.error)
-
-    def _execution_for(self, session: Session, run: Run, revision: int) -> Execution | None:
-        """Return the cached execution if it matches ``revision``, else rebuild it by replay."""
-        execution = self.cache.get(run.id)
-        if execution is not None and execution.revision == revision:
-            return execution
-        self.cache.discard(run.id)
+    def _rebuild(self, writer: Writer, history: History, effects: Effects) -> Execution | None:
+        """Return a new execution that replays ``history``; fail the run if it cannot."""
+        run = writer.run
         definition = self.registry.workflows.get(run.workflow)
         if definition is None:
             known = ", ".join(sorted(self.registry.workflows)) or "none"
-            self._finish_failed(
-                session,
-                run,
+            self._fail(
+                writer,
                 {
                     "type": "DefinitionError",
                     "message": (
@@ -306,81 +256,39 @@ class Processor:
                     ),
                 },
             )
+            effects.finished = view_run(run).to_dict()
             return None
         args, kwargs = serializer.decode(run.input)
         context = RunContext(run.id, run.workflow, run.business_id)
-        return Execution(definition, context, tuple(args), kwargs, self._load_history(session, run))
-
-    def _load_history(self, session: Session, run: Run) -> History:
-        entries = session.scalars(
-            select(HistoryEntry)
-            .where(
-                HistoryEntry.run_id == run.id,
-                HistoryEntry.kind.in_(SCHEDULED_KINDS + RESULT_KINDS),
-            )
-            .order_by(HistoryEntry.seq)
-        )
-        history = History()
-        for entry in entries:
-            assert entry.step is not None
-            if entry.kind in SCHEDULED_KINDS:
-                history.add(
-                    Step(
-                        step=entry.step,
-                        decision=entry.decision or 0,
-                        mode="dispatch" if entry.kind == "task_dispatched" else "execute",
-                        name=entry.name or "",
-                        queue=entry.queue or "",
-                        payload=entry.payload or b"",
-                        batch=entry.batch,
-                    )
-                )
-            elif entry.step in history.steps:
-                if entry.kind == "task_completed":
-                    value = serializer.decode(entry.payload) if entry.payload else None
-                    outcome = Outcome(True, value=value)
-                else:
-                    outcome = Outcome(False, error=json.loads(entry.error or "{}"))
-                history.steps[entry.step].outcome = outcome
-        return history
+        return Execution(definition, context, tuple(args), kwargs, history)
 
     # Writing progress.
 
     def _apply(
-        self,
-        session: Session,
-        run: Run,
-        execution: Execution,
-        progress: Progress,
-        effects: Effects,
+        self, writer: Writer, execution: Execution, progress: Progress, effects: Effects
     ) -> None:
-        now = utcnow()
+        run = writer.run
         for step in progress.new_steps:
-            self._schedule(session, run, step, now, effects)
+            self._schedule(writer, step)
         run.next_step = execution.next_step
-        run.updated_at = now
         finished = progress.finished
         if finished is not None:
             if finished.status == "completed":
                 run.status = "completed"
                 run.result = finished.result
-                run.finished_at = now
-                self._append(session, run, "run_completed", payload=finished.result)
-                effects.finished = view_run(run).to_dict()
+                run.finished_at = writer.now
+                writer.append("run_completed", payload=finished.result)
             else:
                 assert finished.error is not None
-                self._finish_failed(session, run, finished.error)
-                effects.finished = view_run(run).to_dict()
+                self._fail(writer, finished.error)
+            effects.finished = view_run(run).to_dict()
         execution.revision = run.revision
 
-    def _schedule(
-        self, session: Session, run: Run, step: Step, now: dt.datetime, effects: Effects
-    ) -> None:
-        kind = "task_dispatched" if step.mode == "dispatch" else "task_scheduled"
-        self._append(
-            session,
-            run,
-            kind,
+    def _schedule(self, writer: Writer, step: Step) -> None:
+        run = writer.run
+        step.scheduled_at = writer.now
+        writer.append(
+            "task_dispatched" if step.mode == "dispatch" else "task_scheduled",
             step=step.step,
             decision=step.decision,
             batch=step.batch,
@@ -388,17 +296,6 @@ class Processor:
             queue=step.queue,
             attempt=1,
             payload=step.payload,
-        )
-        session.add(
-            Attempt(
-                run_id=run.id,
-                step=step.step,
-                attempt=1,
-                task=step.name,
-                queue=step.queue,
-                status="queued",
-                queued_at=now,
-            )
         )
         args, kwargs = serializer.decode(step.payload)
         message = protocol.TaskMessage(
@@ -410,101 +307,154 @@ class Processor:
             args=tuple(args),
             kwargs=kwargs,
         )
-        outbox = OutboxMessage(
-            run_id=run.id,
-            exchange="",
-            routing_key=self.topology.task_queue(step.queue),
-            body=serializer.encode(message.to_body()),
-            properties=json.dumps(
-                {
-                    "correlation_id": message.correlation_id,
-                    "message_id": message.correlation_id,
-                    "reply_to": self.topology.results_queue,
-                    "type": "task",
-                    "content_type": protocol.MSGPACK_CONTENT_TYPE,
-                }
-            ),
-            created_at=now,
+        writer.add_message(
+            message.correlation_id,
+            self.topology.task_queue(step.queue),
+            serializer.encode(message.to_body()),
+            {
+                "correlation_id": message.correlation_id,
+                "message_id": message.correlation_id,
+                "reply_to": self.topology.results_queue,
+                "type": "task",
+                "content_type": protocol.MSGPACK_CONTENT_TYPE,
+            },
         )
-        session.add(outbox)
-        effects.outbox.append(outbox)
 
-    def _finish_failed(self, session: Session, run: Run, error: dict[str, Any]) -> None:
-        now = utcnow()
+    def _fail(self, writer: Writer, error: dict[str, Any]) -> None:
+        run = writer.run
         run.status = "failed"
         run.error = dump_json(error)
-        run.finished_at = now
-        run.updated_at = now
-        self._append(session, run, "run_failed", step=error.get("step"), error=run.error)
+        run.finished_at = writer.now
+        writer.append("run_failed", step=error.get("step"), error=run.error)
 
-    def _append(self, session: Session, run: Run, kind: str, **fields: Any) -> None:
-        run.revision += 1
-        session.add(
-            HistoryEntry(run_id=run.id, seq=run.revision, kind=kind, created_at=utcnow(), **fields)
-        )
-
-    def _lock_run(self, session: Session, run_id: str) -> Run | None:
-        statement = select(Run).where(Run.id == run_id)
-        if self.lock_rows:
-            statement = statement.with_for_update()
-        return session.scalars(statement).first()
-
-    def _keep(self, run_id: str, execution: Execution, effects: Effects) -> None:
-        if execution.finished is not None or effects.finished is not None:
-            self.cache.discard(run_id)
+    def _keep(self, run: RunState, execution: Execution | None, effects: Effects) -> None:
+        """Cache a running execution with a copy of its run row, as committed."""
+        if execution is None or execution.finished is not None or effects.finished is not None:
+            self.cache.discard(run.id)
         else:
-            self.cache.put(run_id, execution)
+            execution.run_state = dataclasses.replace(run)
+            self.cache.put(run.id, execution)
 
     # Outbox.
 
-    def pending_outbox(self, limit: int = 1000, after_id: int = 0) -> list[OutboxMessage]:
-        """Return outbox messages left by an earlier process, oldest first."""
-        with self.sessions.begin() as session:
-            statement = (
-                select(OutboxMessage)
-                .where(OutboxMessage.id > after_id)
-                .order_by(OutboxMessage.id)
-                .limit(limit)
-            )
-            return list(session.scalars(statement))
+    def confirm_outbox(self, ids: list[str]) -> None:
+        """Note outbox rows that RabbitMQ confirmed; :meth:`flush_confirmed_outbox` deletes them."""
+        with self._confirmed_lock:
+            self._confirmed.extend(ids)
+
+    def confirmed_outbox(self) -> set[str]:
+        with self._confirmed_lock:
+            return set(self._confirmed)
 
     def flush_confirmed_outbox(self) -> int:
-        """Delete the outbox rows confirmed since the last transaction; return how many."""
-        confirmed = self._take_confirmed()
+        """Delete the outbox rows confirmed so far; return how many."""
+        with self._confirmed_lock:
+            confirmed, self._confirmed = self._confirmed, []
         if not confirmed:
             return 0
         try:
-            with self.sessions.begin() as session:
-                _delete_outbox(session, confirmed)
+            with self.database.begin() as connection:
+                delete_outbox(connection, self.sql, confirmed)
         except BaseException:
             self.confirm_outbox(confirmed)
             raise
         return len(confirmed)
 
-    # Engine-side failures.
+    def pending_outbox(self, limit: int = 1000, after_id: str = "") -> list[OutgoingMessage]:
+        """Return outbox messages not deleted yet, by id, with their creation time."""
+        with self.database.connect() as connection:
+            rows = connection.execute(
+                select(OUTBOX).where(OUTBOX.c.id > after_id).order_by(OUTBOX.c.id).limit(limit)
+            )
+            return [
+                OutgoingMessage(
+                    id=row.id,
+                    run_id=row.run_id,
+                    exchange=row.exchange,
+                    routing_key=row.routing_key,
+                    body=row.body,
+                    properties=json.loads(row.properties),
+                    created_at=row.created_at,
+                )
+                for row in rows
+            ]
+
+    # Engine-side failures and queries.
 
     def fail_run(self, run_id: str, error: BaseException) -> dict[str, Any] | None:
         """Mark a run failed after an unexpected engine error; return its view if it changed."""
         self.cache.discard(run_id)
-        with self.sessions.begin() as session:
-            run = self._lock_run(session, run_id)
+        with self.database.begin() as connection:
+            run = RunState.load(connection, self.sql, run_id, lock=self.lock_rows)
             if run is None or run.status != "running":
                 return None
+            writer = Writer(connection, self.sql, run, utcnow(), new=False)
             details = error_dict(error)
             details["type"] = f"EngineError: {details['type']}"
-            self._finish_failed(session, run, details)
+            self._fail(writer, details)
+            writer.flush()
             return view_run(run).to_dict()
 
     def get_run(self, run_id: str | None, business_id: str | None) -> dict[str, Any] | None:
-        with self.sessions() as session:
+        from sqlalchemy.orm import Session
+
+        with Session(self.database) as session:
             run = find_run(session, run_id, business_id=business_id)
             return None if run is None else view_run(run).to_dict()
 
 
-def _delete_outbox(session: Session, ids: list[int]) -> None:
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(chunk)))
+def _load_history(connection: Connection, run_id: str) -> History:
+    """Read a run's steps and their outcomes, for replay or to check a late result."""
+    rows = connection.execute(
+        select(
+            HISTORY.c.kind,
+            HISTORY.c.step,
+            HISTORY.c.decision,
+            HISTORY.c.batch,
+            HISTORY.c.name,
+            HISTORY.c.queue,
+            HISTORY.c.payload,
+            HISTORY.c.error,
+            HISTORY.c.created_at,
+        )
+        .where(HISTORY.c.run_id == run_id, HISTORY.c.kind.in_(SCHEDULED_KINDS + RESULT_KINDS))
+        .order_by(HISTORY.c.seq)
+    )
+    history = History()
+    for kind, step, decision, batch, name, queue, payload, error, created_at in rows:
+        if kind in SCHEDULED_KINDS:
+            history.add(
+                Step(
+                    step=step,
+                    decision=decision or 0,
+                    mode="dispatch" if kind == "task_dispatched" else "execute",
+                    name=name or "",
+                    queue=queue or "",
+                    payload=payload or b"",
+                    batch=batch,
+                    scheduled_at=created_at,
+                )
+            )
+        elif step in history.steps:
+            if kind == "task_completed":
+                value = serializer.decode(payload) if payload else None
+                history.steps[step].outcome = Outcome(True, value=value)
+            else:
+                history.steps[step].outcome = Outcome(False, error=json.loads(error or "{}"))
+    return history
+
+
+def _business_id(definition: WorkflowDefinition, request: protocol.StartRequest) -> str | None:
+    """Return the business id from the workflow's ``id()``, if it defines one."""
+    try:
+        instance = definition.instantiate(request.args, request.kwargs)
+        business_id = instance.id() if instance is not None else None
+    except Exception:
+        # The execution instantiates the workflow again and fails the run with the error.
+        return None
+    if business_id is None:
+        return None
+    return str(business_id)[: protocol.MAX_BUSINESS_ID_LENGTH]
 
 
 def _from_epoch(value: float | None) -> dt.datetime | None:

@@ -15,6 +15,7 @@ outcome.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import inspect
 import traceback
 from collections.abc import Generator
@@ -40,6 +41,7 @@ class Step:
     payload: bytes  # msgpack of [args, kwargs]
     batch: int | None  # number of calls in the yielded list, or None for a single call
     outcome: Outcome | None = None
+    scheduled_at: dt.datetime | None = None
 
     def describe(self) -> str:
         args, kwargs = serializer.decode(self.payload)
@@ -123,6 +125,7 @@ class Execution:
         self.args = args
         self.kwargs = kwargs
         self.revision = 0
+        self.run_state: Any = None  # the engine's copy of the run row at ``revision``
         self.generator: Generator[Any, Any, Any] | None = None
         self.decision = 0  # decisions consumed so far; the pending one is self.decision
         self.next_step = 1

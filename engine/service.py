@@ -22,7 +22,6 @@ import contextvars
 import dataclasses
 import fcntl
 import functools
-import json
 import os
 import socket
 import time
@@ -42,9 +41,8 @@ from engine.store.database import (
     check_schema,
     create_database_engine,
     parse_database_url,
-    session_factory,
 )
-from engine.store.models import OutboxMessage
+from engine.writer import OutgoingMessage
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings, redact_url
 from zenflow.errors import ConfigurationError, SerializationError, StoreError
@@ -56,7 +54,7 @@ T = TypeVar("T")
 
 # Seconds between deletions of confirmed outbox rows, and between sweeps for rows that no
 # publish is handling (left by a crash, or by a publish that failed).
-OUTBOX_FLUSH_INTERVAL = 0.5
+OUTBOX_FLUSH_INTERVAL = 0.1
 OUTBOX_SWEEP_INTERVAL = 5.0
 OUTBOX_SWEEP_MIN_AGE = 10.0
 
@@ -81,7 +79,7 @@ class EngineService:
         self.topology = protocol.Topology(self.settings.namespace)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self._run_locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        self._publishing_outbox: set[int] = set()
+        self._publishing_outbox: set[str] = set()
         self._declared_queues: set[str] = set()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._lock_file: IO[str] | None = None
@@ -109,7 +107,7 @@ class EngineService:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-db")
         self.cache = ExecutionCache(self.options.cache_size)
         self.processor = Processor(
-            session_factory(self.database),
+            self.database,
             self.registry,
             self.cache,
             self.topology,
@@ -291,10 +289,15 @@ class EngineService:
     ) -> None:
         run = await self._in_thread(self.processor.get_run, request.run_id, request.business_id)
         if run is None:
+            # Not an invalid request: a client may ask right after its start, before the
+            # engine has created the run, so this is no warning.
             wanted = request.run_id or request.business_id
-            raise protocol.InvalidMessage(
+            log.debug("run_not_found", wanted=wanted)
+            error = protocol.InvalidMessage(
                 "run_not_found", f"no run has the id or business id {wanted!r}", "run_id"
             )
+            await self._reply(message, {"ok": False, "error": error.to_error()})
+            return
         await self._reply(message, {"ok": True, "run": run})
 
     # Task results.
@@ -342,7 +345,7 @@ class EngineService:
         elif effects.ignored is not None:
             log.warning("result_ignored", reason=effects.ignored)
         elif result.ok:
-            log.info("task_completed", agent=result.agent)
+            log.debug("task_completed", agent=result.agent)
         else:
             error = result.error or {}
             log.info(
@@ -360,15 +363,14 @@ class EngineService:
         if effects.finished is not None:
             await self._notify_finished(effects.finished)
 
-    async def _publish_outbox_row(self, row: OutboxMessage) -> None:
+    async def _publish_outbox_row(self, row: OutgoingMessage) -> None:
         self._publishing_outbox.add(row.id)
         try:
             if row.routing_key not in self._declared_queues:
                 await self.publish_channel.declare_queue(row.routing_key, durable=True)
                 self._declared_queues.add(row.routing_key)
-            properties = json.loads(row.properties)
             message = aio_pika.Message(
-                row.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties
+                row.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **row.properties
             )
             await self.publish_channel.default_exchange.publish(
                 message, row.routing_key, mandatory=True
@@ -432,7 +434,7 @@ class EngineService:
     # Outbox maintenance.
 
     async def _publish_leftover_outbox(self) -> None:
-        after = 0
+        after = ""
         total = 0
         while True:
             rows = await self._in_thread(self.processor.pending_outbox, 1000, after)
@@ -460,14 +462,17 @@ class EngineService:
         while True:
             await asyncio.sleep(OUTBOX_SWEEP_INTERVAL)
             try:
-                rows = await self._in_thread(self.processor.pending_outbox, 1000, 0)
+                rows = await self._in_thread(self.processor.pending_outbox, 1000, "")
             except (OperationalError, DBAPIError, StoreError) as error:
                 log.warning("outbox_sweep_failed", error=_aio.describe(error))
                 continue
             cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
             pending = self.processor.confirmed_outbox() | self._publishing_outbox
             stale = [
-                row for row in rows if row.id not in pending and row.created_at.timestamp() < cutoff
+                row
+                for row in rows
+                if row.id not in pending
+                and (row.created_at is None or row.created_at.timestamp() < cutoff)
             ]
             for row in stale:
                 await self._publish_outbox_row(row)

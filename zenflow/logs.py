@@ -57,7 +57,12 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
         renderer = structlog.dev.ConsoleRenderer(colors=False)
 
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level drops a line below the level before any processing happens.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -89,7 +89,9 @@ def create_database_engine(
         )
         _configure_sqlite(engine, immediate_transactions)
         return engine
-    return create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=4)
+    # No pool_pre_ping: it costs a round trip per transaction. A connection that died is
+    # invalidated when its statement fails, and the engine retries the message.
+    return create_engine(parsed, pool_size=8, max_overflow=4, pool_recycle=3600)
 
 
 def _configure_sqlite(engine: Engine, immediate: bool) -> None:

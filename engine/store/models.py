@@ -4,7 +4,7 @@
 - ``history``: the ordered record of each run: its start, every yielded command, every
   result or error, and its end. At most one result per step, enforced by a partial unique
   index.
-- ``attempts``: one row per delivery of a task to an agent: queue, agent, times, error.
+- ``attempts``: one row per task attempt that reported back: queue, agent, times, error.
 - ``outbox``: messages committed with the history but not yet confirmed by RabbitMQ; the
   engine publishes them after the commit and again after a crash.
 
@@ -127,9 +127,9 @@ class Attempt(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     task: Mapped[str] = mapped_column(String(200))
     queue: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(20))  # queued, completed, failed
+    status: Mapped[str] = mapped_column(String(20))  # completed or failed
     agent: Mapped[str | None] = mapped_column(String(255))
-    queued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    queued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)  # when the step was scheduled
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)  # JSON
@@ -138,7 +138,8 @@ class Attempt(Base):
 class OutboxMessage(Base):
     __tablename__ = "outbox"
 
-    id: Mapped[int] = mapped_column(Identifier, primary_key=True, autoincrement=True)
+    # The AMQP message id, such as "<run_id>:<step>:<attempt>" for a task message.
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
     run_id: Mapped[str] = mapped_column(String(64), index=True)
     exchange: Mapped[str] = mapped_column(String(255))
     routing_key: Mapped[str] = mapped_column(String(255))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,7 +51,23 @@ class RunView:
         }
 
 
-def view_run(run: Run) -> RunView:
+class RunRow(Protocol):
+    """The run columns that :func:`view_run` reads: a ``Run`` or the engine's ``RunState``."""
+
+    id: str
+    workflow: str
+    business_id: str | None
+    status: str
+    input: bytes
+    result: bytes | None
+    error: str | None
+    next_step: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+def view_run(run: RunRow) -> RunView:
     args, kwargs = _decode_or_text(run.input, default=[[], {}])
     return RunView(
         run_id=run.id,

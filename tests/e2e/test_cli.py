@@ -244,7 +244,8 @@ def recorded(cli_cluster: Cluster) -> RecordedRuns:
         waiting = client.start("Stuck", "parked")
     wait_until(
         lambda: cli_cluster.database.scalar(
-            "SELECT COUNT(*) FROM attempts WHERE run_id = :id AND status = 'queued'", id=waiting
+            "SELECT COUNT(*) FROM history WHERE run_id = :id AND kind = 'task_scheduled'",
+            id=waiting,
         ),
         30,
         message="the Stuck run's step to be queued",

@@ -64,13 +64,18 @@ def test_log_lines_carry_run_ids(flows_cluster: Cluster) -> None:
     with flows_cluster.client() as client:
         run_id = client.start("Sequential", 1)
         client.wait(run_id, timeout=30)
+    agent_log = flows_cluster.processes[1].log_text()
+    lines = [json.loads(line) for line in agent_log.splitlines() if run_id in line]
+    succeeded = [line for line in lines if line["event"] == "task_succeeded"]
+    assert len(succeeded) == 3
+    assert all(line["workflow"] == "Sequential" for line in succeeded)
+    assert sorted(line["step"] for line in succeeded) == [1, 2, 3]
+    assert all(line["attempt"] == 1 for line in succeeded)
     engine_log = flows_cluster.processes[0].log_text()
-    lines = [json.loads(line) for line in engine_log.splitlines() if run_id in line]
-    completed = [line for line in lines if line["event"] == "task_completed"]
-    assert len(completed) == 3
-    assert all(line["workflow"] == "Sequential" for line in completed)
-    assert sorted(line["step"] for line in completed) == [1, 2, 3]
-    assert all(line["attempt"] == 1 for line in completed)
+    engine_lines = [json.loads(line) for line in engine_log.splitlines() if run_id in line]
+    events = [line["event"] for line in engine_lines]
+    assert events == ["run_started", "run_completed"]
+    assert all(line["workflow"] == "Sequential" for line in engine_lines)
 
 
 def test_workflow_logs_once_across_replay(tmp_path: Path, backend: str, rabbitmq: str) -> None:

@@ -382,13 +382,6 @@ INVALID = {
         "run_id",
         ("'run_id'", "'business_id'"),
     ),
-    "get-run-not-found": Invalid(
-        as_json({"version": 1, "type": "get_run", "run_id": "no-such-run"}),
-        JSON,
-        "run_not_found",
-        "run_id",
-        ("'no-such-run'",),
-    ),
 }
 
 
@@ -453,6 +446,23 @@ def test_invalid_request_without_reply_dropped(
     assert_engine_serves(entry)
     assert len(log_records(engine, "request_rejected", message_id=sent.message_id)) == 1
     assert not entry.received(sent)
+
+
+def test_get_run_unknown_id_not_found(flows_cluster: Cluster, entry: Entry) -> None:
+    """An unknown run id is a valid query with a negative answer, not a rejected message."""
+    engine = engine_of(flows_cluster)
+    body = as_json({"version": 1, "type": "get_run", "run_id": "no-such-run"})
+    sent = entry.publish(body, JSON)
+
+    properties, reply = entry.reply(sent)
+
+    assert properties.correlation_id == sent.correlation_id
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "run_not_found"
+    assert reply["error"]["field"] == "run_id"
+    assert "'no-such-run'" in reply["error"]["message"]
+    wait_for_empty_requests_queue(flows_cluster)
+    assert log_records(engine, "request_rejected", message_id=sent.message_id) == []
 
 
 def test_garbage_msgpack_error_says_why(entry: Entry) -> None:

@@ -21,12 +21,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "outbox",
-        sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
-        ),
+        sa.Column("id", sa.String(length=200), nullable=False),
         sa.Column("run_id", sa.String(length=64), nullable=False),
         sa.Column("exchange", sa.String(length=255), nullable=False),
         sa.Column("routing_key", sa.String(length=255), nullable=False),
