@@ -143,6 +143,10 @@ class AgentService:
                     return  # not acknowledged: RabbitMQ delivers the task again
             with contextlib.suppress(*_aio.CONNECTION_ERRORS):
                 await message.ack()
+            if result.ok and result.started_at is not None and result.finished_at is not None:
+                # Logged after the result left, so the line costs the engine no latency.
+                duration = round((result.finished_at - result.started_at) * 1000, 1)
+                log.info("task_succeeded", duration_ms=duration)
 
     async def _execute(self, message: protocol.TaskMessage) -> protocol.TaskResult:
         started = time.time()
@@ -158,10 +162,9 @@ class AgentService:
                 f"{', '.join(self.queues)}); its registered tasks are: {known}. Start an agent "
                 "whose --app module defines it",
             )
-        log.info("task_started")
+        log.debug("task_started")
         try:
             value = await self._call(definition, message)
-            serializer.encode(value, name="result")
         except Exception as error:
             self.stats["failed"] += 1
             log.warning("task_failed", error_type=type(error).__name__, error=str(error))
@@ -183,7 +186,6 @@ class AgentService:
             )
         self.stats["completed"] += 1
         finished = time.time()
-        log.info("task_succeeded", duration_ms=round((finished - started) * 1000, 1))
         return protocol.TaskResult(
             run_id=message.run_id,
             step=message.step,
@@ -241,7 +243,7 @@ class AgentService:
     ) -> bool:
         assert message.reply_to is not None
         reply = aio_pika.Message(
-            serializer.encode(result.to_body()),
+            self._encode(result),
             content_type=protocol.MSGPACK_CONTENT_TYPE,
             correlation_id=message.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -257,6 +259,27 @@ class AgentService:
                 await message.nack(requeue=True)
             return False
         return True
+
+    def _encode(self, result: protocol.TaskResult) -> bytes:
+        """Encode a result; a value that cannot be encoded fails the attempt instead."""
+        try:
+            return serializer.encode(result.to_body())
+        except SerializationError as error:
+            reason = str(error)
+        # Encode the value alone to name the path inside it, such as result['items'][0].
+        try:
+            serializer.encode(result.value, name="result")
+        except SerializationError as error:
+            reason = str(error)
+        self.stats["failed"] += 1
+        log.warning("task_failed", error_type="SerializationError", error=reason)
+        failure = dataclasses.replace(
+            result,
+            ok=False,
+            value=None,
+            error={"type": "SerializationError", "message": reason, "traceback": ""},
+        )
+        return serializer.encode(failure.to_body())
 
     async def _reject(self, message: aio_pika.abc.AbstractIncomingMessage, reason: str) -> None:
         """Drop an undecodable task message, and reply with an error result if it can be routed."""

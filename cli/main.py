@@ -132,6 +132,10 @@ def _serve(make_service: Callable[[], Any], log_level: str | None) -> None:
     from zenflow.logs import configure_logging
 
     configure_logging(log_level)
+    # Engine and agent hand work between the event loop and worker threads. A thread that
+    # becomes ready waits for the GIL up to the switch interval (5 ms by default), which
+    # would dominate a step that takes a few milliseconds.
+    sys.setswitchinterval(0.0005)
     service = make_service()
 
     async def main() -> None:

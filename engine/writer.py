@@ -281,7 +281,8 @@ class Writer:
         sql = self.sql
         statements: list[tuple[str, Any]] = []
         self.run.updated_at = self.now
-        run_values = dataclasses.asdict(self.run)
+        # Not dataclasses.asdict, which deep-copies every value.
+        run_values = {name: getattr(self.run, name) for name in COLUMNS}
         if self.new:
             # The run row goes first: history, attempts and outbox rows refer to it.
             statements.append((INSERT_RUN, sql.row_to_db(run_values)))
