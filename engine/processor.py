@@ -150,46 +150,21 @@ class Processor:
     def _record_result(self, result: protocol.TaskResult, *, trust_cache: bool) -> Effects:
         effects = Effects(run_id=result.run_id)
         with self.database.begin() as connection:
-            execution = self.cache.get(result.run_id)
-            trusted = trust_cache and execution is not None and execution.run_state is not None
-            if trusted:
-                assert execution is not None
-                run = dataclasses.replace(execution.run_state)
-            else:
-                loaded = RunState.load(connection, self.sql, result.run_id, lock=self.lock_rows)
-                if loaded is None:
-                    effects.ignored = "unknown run"
-                    return effects
-                run = loaded
-                if execution is not None and execution.revision != run.revision:
-                    self.cache.discard(run.id)
-                    execution = None
-            if execution is not None:
-                history = execution.history
-            else:
-                history = _load_history(connection, run.id)
+            found = self._run_for_result(connection, result, trust_cache=trust_cache)
+            if found is None:
+                effects.ignored = "unknown run"
+                return effects
+            run, execution, history = found
             step = history.steps.get(result.step)
             if step is None:
-                if trusted:
+                if execution is not None and execution.run_state is not None and trust_cache:
                     # Another engine may have scheduled the step: read the database.
                     raise StaleRun(f"run {run.id} has no step {result.step} in the cache")
                 effects.ignored = f"run {run.id} has no step {result.step}"
                 return effects
 
-            now = utcnow()
-            writer = Writer(connection, self.sql, run, now, new=False)
-            writer.add_attempt(
-                step=result.step,
-                attempt=result.attempt,
-                task=step.name,
-                queue=step.queue,
-                status="completed" if result.ok else "failed",
-                agent=result.agent[:255] or None,
-                queued_at=step.scheduled_at or now,
-                started_at=_from_epoch(result.started_at),
-                finished_at=_from_epoch(result.finished_at) or now,
-                error=dump_json(result.error),
-            )
+            writer = Writer(connection, self.sql, run, utcnow(), new=False)
+            _add_attempt(writer, result, step)
             if step.outcome is not None:
                 effects.duplicate = True
                 writer.append(
@@ -201,20 +176,7 @@ class Processor:
                 )
                 return self._finish_transaction(writer, execution, effects)
 
-            if result.ok:
-                outcome = Outcome(True, value=result.value)
-            else:
-                outcome = Outcome(False, error=result.error)
-            step.outcome = outcome
-            writer.append(
-                "task_completed" if outcome.ok else "task_failed",
-                step=result.step,
-                name=step.name,
-                queue=step.queue,
-                attempt=result.attempt,
-                payload=serializer.encode(outcome.value, name="value") if outcome.ok else None,
-                error=dump_json(outcome.error),
-            )
+            _add_outcome(writer, result, step)
             if step.mode == "dispatch" or run.status != "running":
                 if run.status != "running":
                     effects.ignored = f"run is {run.status}"
@@ -229,6 +191,25 @@ class Processor:
             effects.outbox = writer.flush()
         self._keep(run, execution, effects)
         return effects
+
+    def _run_for_result(
+        self, connection: Connection, result: protocol.TaskResult, *, trust_cache: bool
+    ) -> tuple[RunState, Execution | None, History] | None:
+        """Return the run, its cached execution if still valid, and its history.
+
+        With ``trust_cache``, a cached run is not read from the database; the final update
+        of its row checks the revision instead. Returns None for an unknown run.
+        """
+        execution = self.cache.get(result.run_id)
+        if trust_cache and execution is not None and execution.run_state is not None:
+            return dataclasses.replace(execution.run_state), execution, execution.history
+        run = RunState.load(connection, self.sql, result.run_id, lock=self.lock_rows)
+        if run is None:
+            return None
+        if execution is not None and execution.revision == run.revision:
+            return run, execution, execution.history
+        self.cache.discard(run.id)
+        return run, None, _load_history(connection, run.id)
 
     def _finish_transaction(
         self, writer: Writer, execution: Execution | None, effects: Effects
@@ -401,6 +382,41 @@ class Processor:
         with Session(self.database) as session:
             run = find_run(session, run_id, business_id=business_id)
             return None if run is None else view_run(run).to_dict()
+
+
+def _add_attempt(writer: Writer, result: protocol.TaskResult, step: Step) -> None:
+    """Record the attempt that produced ``result``, once per step and attempt number."""
+    writer.add_attempt(
+        step=result.step,
+        attempt=result.attempt,
+        task=step.name,
+        queue=step.queue,
+        status="completed" if result.ok else "failed",
+        agent=result.agent[:255] or None,
+        queued_at=step.scheduled_at or writer.now,
+        started_at=_from_epoch(result.started_at),
+        finished_at=_from_epoch(result.finished_at) or writer.now,
+        error=dump_json(result.error),
+    )
+
+
+def _add_outcome(writer: Writer, result: protocol.TaskResult, step: Step) -> None:
+    """Record the step's result in history and in the step, which the workflow reads."""
+    if result.ok:
+        step.outcome = Outcome(True, value=result.value)
+        payload = serializer.encode(result.value, name="value")
+    else:
+        step.outcome = Outcome(False, error=result.error)
+        payload = None
+    writer.append(
+        "task_completed" if result.ok else "task_failed",
+        step=result.step,
+        name=step.name,
+        queue=step.queue,
+        attempt=result.attempt,
+        payload=payload,
+        error=dump_json(result.error) if not result.ok else None,
+    )
 
 
 def _load_history(connection: Connection, run_id: str) -> History:
