@@ -77,15 +77,48 @@ FLOOR_PREFETCH = 200
 # A msgpack task message for a one-argument task is 120 bytes and its result 178 bytes.
 FLOOR_PAYLOAD = b"x" * 150
 
-# Stages of one step, each the time between two consecutive timestamps: the history rows
-# (engine, inside its transaction), the engine's info-level log line written after the
-# transaction that scheduled the step, and the attempt's start and end (agent).
+# Phases of one step, each the time between two timestamps that the step's rows store:
+# - history.created_at: the engine takes one instant per transaction and writes it into every
+#   row of that transaction. So the result of step N and the scheduling of step N+1 share
+#   it, and it marks the start of the transaction: after SQLite's BEGIN IMMEDIATE, but before
+#   PostgreSQL's BEGIN, which psycopg sends with the first statement.
+# - attempts.started_at and finished_at: the agent's time.time() before and after the task
+#   call, which includes the hop to its thread pool and back.
+# The three phases add up to the step time measured from the history. Each entry is a key,
+# the boundaries with the timestamp that each comes from, and what happens in the phase.
 PHASES = (
-    ("commit", "step inserted -> engine log after the transaction (commit, thread hop)"),
-    ("to_agent", "-> agent starts the task (publish, broker, delivery)"),
-    ("task", "agent runs the task"),
-    ("to_engine", "task finished -> engine inserts the result (delivery, hop, reads)"),
-    ("advance", "result inserted -> next step inserted (workflow advances)"),
+    (
+        "engine",
+        "transaction starts [history.created_at] -> agent starts the task [attempts.started_at]",
+        "the transaction and its commit, hop back to the event loop, task publish, broker, "
+        "delivery",
+    ),
+    (
+        "task",
+        "-> agent has run the task [attempts.finished_at]",
+        "hop to the agent's thread pool and back, the no-op task",
+    ),
+    (
+        "to_engine",
+        "-> the engine's next transaction starts [history.created_at of the result]",
+        "result publish, broker, delivery, run lock, hop to a database thread, "
+        "on SQLite BEGIN IMMEDIATE (the write lock)",
+    ),
+)
+# The first phase, split at the engine's task_completed log line. The engine writes that line
+# after the transaction has committed and before it publishes the next task, but at debug
+# level only, so at the default info level the split is missing.
+ENGINE_SUBPHASES = (
+    (
+        "transaction",
+        "transaction starts -> engine logs task_completed [engine log, debug level]",
+        "the transaction and its commit, hop back to the event loop",
+    ),
+    (
+        "to_agent",
+        "-> agent starts the task [attempts.started_at]",
+        "task publish, broker, delivery",
+    ),
 )
 
 # Component of a py-spy frame, by the prefix of its file name, which py-spy prints
@@ -557,11 +590,11 @@ class ZenflowBench:
 
     def _sequential_report(self, runs: list[dict[str, Any]]) -> dict[str, Any]:
         steps = self.options.steps
-        phases: dict[str, list[float]] = {key: [] for key, _ in PHASES}
-        commit_logs = self._commit_logs({run["run_id"] for run in runs})
+        phases: dict[str, list[float]] = {key: [] for key, *_ in (*PHASES, *ENGINE_SUBPHASES)}
+        logged = self._task_completed_logs({run["run_id"] for run in runs})
         for run in runs:
             run_phases, run["history_s"] = self._step_phases(
-                run["run_id"], commit_logs.get(run["run_id"], {})
+                run["run_id"], logged.get(run["run_id"], {})
             )
             for key, values in run_phases.items():
                 phases[key].extend(values)
@@ -580,14 +613,19 @@ class ZenflowBench:
                 * 1000
                 / steps,
                 "phases": {key: summarize(values) for key, values in phases.items()},
+                "phase_boundaries": {
+                    key: boundaries for key, boundaries, _ in (*PHASES, *ENGINE_SUBPHASES)
+                },
                 "cpu_ms_per_step": cpu,
             }
         }
 
-    def _commit_logs(self, run_ids: set[str]) -> dict[str, dict[int, dt.datetime]]:
-        """Return, by run and step, when the engine logged the end of the transaction that
-        scheduled the step: ``run_started`` for step 1, ``task_completed`` of the step before
-        for the others (a Chain schedules one step per transaction)."""
+    def _task_completed_logs(self, run_ids: set[str]) -> dict[str, dict[int, dt.datetime]]:
+        """Return, by run and step, when the engine logged ``task_completed`` for the step before.
+
+        A Chain schedules one step per transaction, and the engine logs that line after the
+        transaction committed. It logs it at debug level, so at info level the result is empty.
+        """
         logged: dict[str, dict[int, dt.datetime]] = {run_id: {} for run_id in run_ids}
         for line in self.engine.log_text().splitlines():
             if not line.startswith("{"):
@@ -599,19 +637,17 @@ class ZenflowBench:
             steps = logged.get(entry.get("run_id"))
             if steps is None or "timestamp" not in entry:
                 continue
-            if entry.get("event") == "run_started":
-                steps[1] = as_datetime(entry["timestamp"].rstrip("Z"))
-            elif entry.get("event") == "task_completed" and entry.get("step") is not None:
+            if entry.get("event") == "task_completed" and entry.get("step") is not None:
                 steps[int(entry["step"]) + 1] = as_datetime(entry["timestamp"].rstrip("Z"))
         return logged
 
     def _step_phases(
-        self, run_id: str, commit_logs: dict[int, dt.datetime]
+        self, run_id: str, logged: dict[int, dt.datetime]
     ) -> tuple[dict[str, list[float]], float]:
         """Split each step of a run into PHASES, and return them with the run's duration.
 
-        Without the engine's log lines (log level above info), ``to_agent`` starts at the
-        insert of the step and ``commit`` stays empty.
+        Steps whose scheduling transaction has a ``task_completed`` log line in ``logged``
+        also get the ENGINE_SUBPHASES. Step 1 never does: its transaction is the run's start.
         """
         scheduled: dict[int, dt.datetime] = {}
         completed: dict[int, dt.datetime] = {}
@@ -635,19 +671,16 @@ class ZenflowBench:
                 id=run_id,
             )
         }
-        phases: dict[str, list[float]] = {key: [] for key, _ in PHASES}
+        phases: dict[str, list[float]] = {key: [] for key, *_ in (*PHASES, *ENGINE_SUBPHASES)}
         for step in sorted(scheduled):
             agent_started, agent_finished = attempts[step]
-            following = scheduled.get(step + 1, bounds["run_completed"])
-            committed = commit_logs.get(step)
-            if committed is None:
-                phases["to_agent"].append((agent_started - scheduled[step]).total_seconds())
-            else:
-                phases["commit"].append((committed - scheduled[step]).total_seconds())
-                phases["to_agent"].append((agent_started - committed).total_seconds())
+            phases["engine"].append((agent_started - scheduled[step]).total_seconds())
             phases["task"].append((agent_finished - agent_started).total_seconds())
             phases["to_engine"].append((completed[step] - agent_finished).total_seconds())
-            phases["advance"].append((following - completed[step]).total_seconds())
+            committed = logged.get(step)
+            if committed is not None:
+                phases["transaction"].append((committed - scheduled[step]).total_seconds())
+                phases["to_agent"].append((agent_started - committed).total_seconds())
         total = (bounds["run_completed"] - bounds["run_started"]).total_seconds()
         return phases, total
 
@@ -962,11 +995,20 @@ def _print_sequential(sequential: dict[str, Any], floor: dict[str, Any]) -> None
     print(f"    wall / {sequential['steps']} per run      {per_run} ms")
     print(f"    from history             {sequential['history_step_ms']:.2f} ms per step")
 
-    for key, label in PHASES:
-        phase = sequential["phases"][key]
-        if not phase["count"]:
-            continue
-        print(f"    {phase['mean_ms']:6.2f} ms mean {phase['p50_ms']:6.2f} ms p50   {label}")
+    print(
+        "    phases of a step, from one timestamp [source] to the next; "
+        "the three add up to the step from history:"
+    )
+    _print_phases(sequential["phases"], PHASES)
+    split = sequential["phases"]["transaction"]
+    if split["count"]:
+        print(f"    the first phase split by the engine's log ({split['count']} steps):")
+        _print_phases(sequential["phases"], ENGINE_SUBPHASES)
+    else:
+        print(
+            "    (the first phase is not split, because the engine logs task_completed at "
+            "debug level only. --log-level debug splits it and adds the cost of debug logging)"
+        )
 
     cpu_step = sum(sequential["cpu_ms_per_step"].values())
     cpu_floor = sum(floor["sequential_cpu_ms"].values())
@@ -974,6 +1016,17 @@ def _print_sequential(sequential: dict[str, Any], floor: dict[str, Any]) -> None
         f"    CPU per step             {_cpu_text(sequential['cpu_ms_per_step'])}; "
         f"total {cpu_step:.2f} ms = {cpu_step / cpu_floor:.1f}x the raw round trip's"
     )
+
+
+def _print_phases(
+    phases: dict[str, dict[str, float]], definitions: tuple[tuple[str, str, str], ...]
+) -> None:
+    for key, boundaries, contents in definitions:
+        phase = phases[key]
+        if not phase["count"]:
+            continue
+        print(f"    {phase['mean_ms']:6.2f} ms mean {phase['p50_ms']:6.2f} ms p50   {boundaries}")
+        print(f"    {'':32}{contents}")
 
 
 def _print_throughput(throughput: dict[str, Any]) -> None:
@@ -1093,7 +1146,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     zenflow.add_argument(
         "--log-level",
         default="info",
-        help="ZENFLOW_LOG_LEVEL of the engine and agent (default: info, zenflow's default).",
+        help="ZENFLOW_LOG_LEVEL of the engine and agent (default: info, zenflow's default). "
+        "debug also splits a step's first phase at the engine's task_completed log line, and "
+        "adds the cost of debug logging to every step.",
     )
 
     profile = parser.add_argument_group("profile")
