@@ -93,6 +93,12 @@ class AgentService:
             for name in self.queues:
                 queue = await _aio.declare_task_queue(consume_channel, self.topology, name)
                 consumers.append((queue, await queue.consume(self._tracked)))
+            served = set(self.registry.queues())
+            for name in self.queues:
+                if name not in served:
+                    # Often a typo in --queue: such an agent answers every message with an
+                    # error result, because it registers no task for it.
+                    log.warning("queue_without_tasks", queue=name, task_queues=sorted(served))
             log.info(
                 "agent_started",
                 agent=self.identity,

@@ -45,7 +45,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     epilog=(
         "Examples: zenflow db upgrade; zenflow engine --app shop; zenflow agent --app shop; "
-        "zenflow start OrderWorkflow '[\"A-17\", 4200]' --wait; zenflow runs list"
+        'zenflow start OrderWorkflow \'["A-17", ["book"], 42]\' --wait; zenflow runs list'
     ),
 )
 runs_app = typer.Typer(help="Inspect runs and their history.", no_args_is_help=True)
@@ -274,13 +274,14 @@ def start(
                     reply_timeout=min(timeout, 15.0),
                     **kwargs,
                 )
-            except RunTimeout:
+            except RunTimeout as error:
                 typer.echo(
                     "warning: no engine replied; the request stays queued until an engine takes it",
                     err=True,
                 )
                 if wait:
                     raise
+                typer.echo(to_json({"run_id": error.run_id}) if as_json else error.run_id)
                 return
             if not wait:
                 typer.echo(to_json({"run_id": run_id}) if as_json else run_id)

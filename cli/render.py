@@ -95,11 +95,10 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
     lines.append("")
     lines.append("timeline")
     attempts_by_step = {(a.step, a.attempt): a for a in attempts}
-    scheduled_at: dict[int, dt.datetime] = {}
     names: dict[int, str] = {}
     for entry in history:
         offset = (entry.created_at - run.created_at).total_seconds()
-        described = _describe_entry(entry, scheduled_at, names, attempts_by_step)
+        described = _describe_entry(entry, names, attempts_by_step)
         lines.append(f"  {'+' + format(offset, '.3f') + 's':>10}  {described}")
     waiting = waiting_steps(history)
     if run.status == "running" and waiting:
@@ -132,7 +131,6 @@ def waiting_steps(history: list[HistoryEntry]) -> list[HistoryEntry]:
 
 def _describe_entry(
     entry: HistoryEntry,
-    scheduled_at: dict[int, dt.datetime],
     names: dict[int, str],
     attempts: dict[tuple[int, int], Attempt],
 ) -> str:
@@ -142,7 +140,6 @@ def _describe_entry(
         return "run started"
     if kind in ("task_scheduled", "task_dispatched"):
         assert step is not None
-        scheduled_at[step] = entry.created_at
         args, kwargs = _decode(entry.payload, default=[[], {}])
         call = describe_call(entry.name or "?", args, kwargs)
         names[step] = entry.name or "?"
@@ -151,12 +148,7 @@ def _describe_entry(
         return f"step {step} {verb:<10} {call} on queue {entry.queue!r}{batch}"
     if kind in ("task_completed", "task_failed"):
         assert step is not None
-        took = ""
-        if step in scheduled_at:
-            took = format_duration((entry.created_at - scheduled_at[step]).total_seconds())
-        attempt = attempts.get((step, entry.attempt or 1))
-        where = f", agent {attempt.agent}" if attempt is not None and attempt.agent else ""
-        suffix = f" ({took}{where})" if took else ""
+        suffix = _attempt_summary(attempts.get((step, entry.attempt or 1)))
         if kind == "task_completed":
             value = format_value(_decode(entry.payload), 120)
             return f"step {step} completed  {names.get(step, entry.name)} -> {value}{suffix}"
@@ -174,6 +166,22 @@ def _describe_entry(
         error = load_json(entry.error) or {}
         return f"run failed: {error.get('type')}: {error.get('message')}"
     return kind
+
+
+def _attempt_summary(attempt: Attempt | None) -> str:
+    """Describe where and how long an attempt ran, and how long it waited in its queue."""
+    if attempt is None:
+        return ""
+    parts = []
+    if attempt.started_at is not None and attempt.finished_at is not None:
+        ran = (attempt.finished_at - attempt.started_at).total_seconds()
+        parts.append(f"ran {format_duration(ran)}")
+    if attempt.started_at is not None and attempt.queued_at is not None:
+        waited = (attempt.started_at - attempt.queued_at).total_seconds()
+        parts.append(f"queued {format_duration(max(waited, 0.0))}")
+    if attempt.agent:
+        parts.append(f"agent {attempt.agent}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _decode(payload: bytes | None, default: Any = None) -> Any:

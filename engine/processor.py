@@ -177,9 +177,11 @@ class Processor:
                 return self._finish_transaction(writer, execution, effects)
 
             _add_outcome(writer, result, step)
-            if step.mode == "dispatch" or run.status != "running":
-                if run.status != "running":
-                    effects.ignored = f"run is {run.status}"
+            if step.mode == "dispatch":
+                # Recorded for the timeline; the workflow does not wait for it.
+                return self._finish_transaction(writer, execution, effects)
+            if run.status != "running":
+                effects.ignored = f"recorded, but the run is {run.status} and does not advance"
                 return self._finish_transaction(writer, execution, effects)
 
             if execution is None:

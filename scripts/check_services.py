@@ -1,6 +1,10 @@
 """Check that RabbitMQ (and optionally PostgreSQL) answer, and explain how to start them.
 
-Usage: python scripts/check_services.py [--postgres]
+Usage: python scripts/check_services.py [--tests]
+
+Without --tests it checks the broker of ZENFLOW_AMQP_URL, which the example uses. With
+--tests it checks the services the test suite uses: ZENFLOW_TEST_AMQP_URL and
+ZENFLOW_TEST_POSTGRES_URL, whose defaults are the local RabbitMQ and PostgreSQL.
 Exit code 0 when every checked service answers, 1 otherwise.
 """
 
@@ -30,15 +34,24 @@ Start one (Debian: sudo pg_ctlcluster 15 main start; Docker: see deploy/docker-c
 or set ZENFLOW_TEST_POSTGRES_URL. Without it the PostgreSQL tests are skipped (failed in CI)."""
 
 
-def rabbitmq_answers(url: str) -> bool:
+HELP_LOGIN = """\
+RabbitMQ at {url} answers but rejected the login.
+Check the user name and password in the URL (the default user guest only logs in from
+localhost; the compose broker in deploy/ has the user zenflow, password zenflow)."""
+
+
+def rabbitmq_problem(url: str) -> str | None:
+    """Return a help text when the broker at ``url`` cannot be used, or None when it can."""
     parameters = pika.URLParameters(url)
     parameters.socket_timeout = 3
     parameters.connection_attempts = 1
     try:
         pika.BlockingConnection(parameters).close()
+    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError):
+        return HELP_LOGIN.format(url=redact_url(url))
     except (pika.exceptions.AMQPError, OSError):
-        return False
-    return True
+        return HELP_RABBITMQ.format(url=redact_url(url))
+    return None
 
 
 def postgres_answers(url: str) -> bool:
@@ -54,11 +67,16 @@ def postgres_answers(url: str) -> bool:
 
 def main() -> int:
     ok = True
-    amqp_url = os.environ.get("ZENFLOW_AMQP_URL", DEFAULT_AMQP_URL)
-    if not rabbitmq_answers(amqp_url):
-        print(HELP_RABBITMQ.format(url=redact_url(amqp_url)), file=sys.stderr)
+    for_tests = "--tests" in sys.argv[1:]
+    if for_tests:
+        amqp_url = os.environ.get("ZENFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    else:
+        amqp_url = os.environ.get("ZENFLOW_AMQP_URL", DEFAULT_AMQP_URL)
+    problem = rabbitmq_problem(amqp_url)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         ok = False
-    if "--postgres" in sys.argv[1:]:
+    if for_tests:
         postgres_url = os.environ.get(
             "ZENFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
         )

@@ -26,9 +26,11 @@ stop_all() {
 trap stop_all EXIT
 
 zenflow db upgrade
-zenflow engine --app shop > engine.log 2>&1 &
+# setsid keeps Ctrl-C from reaching them directly: stop_all sends one SIGTERM, which lets
+# them finish what they hold (a second signal would make them exit at once).
+setsid zenflow engine --app shop > engine.log 2>&1 &
 pids+=($!)
-zenflow agent --app shop > agent.log 2>&1 &
+setsid zenflow agent --app shop > agent.log 2>&1 &
 pids+=($!)
 echo "engine and agent started; logs in $workdir/engine.log and $workdir/agent.log"
 

@@ -9,7 +9,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/.venv/bin/activate"
 cd "$root"
 
-python scripts/check_services.py --postgres || [ "${CI:-}" != "true" ] || exit 1
+python scripts/check_services.py --tests || [ "${CI:-}" != "true" ] || exit 1
 echo "ruff check"
 ruff check .
 echo "mypy"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from zenflow import protocol, serializer
-from zenflow.errors import DefinitionError, RequestRejected, RunFailed, RunNotFound
+from zenflow.errors import DefinitionError, RequestRejected, RunFailed, RunNotFound, RunTimeout
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
 FINISHED_STATUSES = frozenset({"completed", "failed"})
@@ -68,6 +68,35 @@ def build_start(
     serializer.encode(body["args"], name="args")
     serializer.encode(body["kwargs"], name="kwargs")
     return request, serializer.encode(body)
+
+
+PENDING = "pending"  # the status wait() gives a run that the engine has not created yet
+
+REJECTION_HINT = (
+    "the engine may have rejected the start request (unknown workflow or invalid "
+    "arguments): start with reply_timeout=... to get its reason, and check that "
+    "`zenflow engine` runs with the same namespace"
+)
+
+
+def wait_timed_out(run_id: str, timeout: float | None, status: str) -> RunTimeout:
+    """Return the error for a wait that timed out, saying whether the run exists at all."""
+    if status == PENDING:
+        return RunTimeout(
+            f"run {run_id} was not created within {timeout:g} seconds; {REJECTION_HINT}",
+            run_id=run_id,
+        )
+    return RunTimeout(
+        f"run {run_id} did not finish within {timeout:g} seconds; it goes on", run_id=run_id
+    )
+
+
+def never_created(run_id: str) -> RunNotFound:
+    """Return the error for a run that still does not exist ``START_GRACE`` after a wait began."""
+    return RunNotFound(
+        f"no run has the id {run_id!r} after {START_GRACE:g} seconds; if it was just started, "
+        f"{REJECTION_HINT}"
+    )
 
 
 def read_reply(body: bytes) -> dict[str, Any]:

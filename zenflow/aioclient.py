@@ -17,11 +17,14 @@ import aio_pika.abc
 from zenflow import _aio, protocol, serializer
 from zenflow._client_common import (
     FINISHED_STATUSES,
+    PENDING,
     START_GRACE,
     WorkflowRef,
     build_start,
+    never_created,
     read_reply,
     run_outcome,
+    wait_timed_out,
 )
 from zenflow.config import Settings, redact_url
 from zenflow.errors import RunNotFound, RunTimeout, TransportError
@@ -122,8 +125,11 @@ class AsyncClient:
         }
         if reply_timeout is None:
             await self._publish(body, properties)
-        else:
+            return request.run_id
+        try:
             await self._call(body, reply_timeout, properties)
+        except RunTimeout as error:
+            raise RunTimeout(str(error), run_id=request.run_id) from None
         return request.run_id
 
     async def get_run(
@@ -155,8 +161,8 @@ class AsyncClient:
                 except RunNotFound:
                     # The query can overtake a start that the engine is still handling.
                     if loop.time() - first_poll > START_GRACE:
-                        raise
-                    run = {"run_id": run_id, "status": "pending"}
+                        raise never_created(run_id) from None
+                    run = {"run_id": run_id, "status": PENDING}
                 if run["status"] in FINISHED_STATUSES:
                     return run_outcome(run)
                 wait_for = (
@@ -169,9 +175,7 @@ class AsyncClient:
                     body = await asyncio.wait_for(asyncio.shield(finished), wait_for)
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
-                        raise RunTimeout(
-                            f"run {run_id} did not finish within {timeout} seconds"
-                        ) from None
+                        raise wait_timed_out(run_id, timeout, run["status"]) from None
                     continue
                 return run_outcome(serializer.decode(body))
         finally:

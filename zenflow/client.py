@@ -19,11 +19,14 @@ import pika.exceptions
 from zenflow import protocol, serializer
 from zenflow._client_common import (
     FINISHED_STATUSES,
+    PENDING,
     START_GRACE,
     WorkflowRef,
     build_start,
+    never_created,
     read_reply,
     run_outcome,
+    wait_timed_out,
 )
 from zenflow.config import Settings, redact_url
 from zenflow.errors import RunNotFound, RunTimeout, TransportError
@@ -165,8 +168,11 @@ class Client:
         extra = {"delivery_mode": pika.DeliveryMode.Persistent, "message_id": request.run_id}
         if reply_timeout is None:
             self._publish_request(body, extra)
-        else:
+            return request.run_id
+        try:
             self._call(body, reply_timeout, extra)
+        except RunTimeout as error:
+            raise RunTimeout(str(error), run_id=request.run_id) from None
         return request.run_id
 
     def get_run(
@@ -212,7 +218,7 @@ class Client:
                         run = serializer.decode(self._finished.pop(run_id))
                         break
                     if deadline is not None and time.monotonic() >= deadline:
-                        raise RunTimeout(f"run {run_id} did not finish within {timeout} seconds")
+                        raise wait_timed_out(run_id, timeout, run["status"])
                     self._process_events(deadline, min(0.5, next_poll - time.monotonic()))
                 if run["status"] in FINISHED_STATUSES:
                     return run_outcome(run)
@@ -237,8 +243,8 @@ class Client:
             return self.get_run(run_id, timeout=timeout)
         except RunNotFound:
             if time.monotonic() - since > START_GRACE:
-                raise
-            return {"run_id": run_id, "status": "pending"}
+                raise never_created(run_id) from None
+            return {"run_id": run_id, "status": PENDING}
 
     def run(
         self,

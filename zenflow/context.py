@@ -78,7 +78,7 @@ def set_current_task(context: TaskContext | None) -> contextvars.Token[TaskConte
 class ReplaySafeLogger:
     """A structlog logger proxy that drops every call while the current run is replaying."""
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str) -> None:
         self._logger = structlog.get_logger(name)
 
     def bind(self, **values: Any) -> ReplaySafeLogger:
@@ -108,6 +108,6 @@ class ReplaySafeLogger:
         self._log("exception", event, **values)
 
 
-def get_logger(name: str | None = None) -> ReplaySafeLogger:
+def get_logger(name: str = "zenflow.workflow") -> ReplaySafeLogger:
     """Return a logger for workflow code that logs nothing while history is replayed."""
     return ReplaySafeLogger(name)

@@ -107,7 +107,14 @@ class RunFailed(ZenflowError):
 
 
 class RunTimeout(ZenflowError):
-    """A client waited for a run longer than its timeout; the run goes on."""
+    """A client waited longer than its timeout; the run (or the queued start) goes on.
+
+    ``run_id`` names the run waited for, when there is one.
+    """
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class RequestRejected(ZenflowError):

@@ -139,6 +139,10 @@ def _where(target: Any) -> str:
     return f"{function.__module__}.{function.__qualname__}"
 
 
+# zenflow installs these top-level packages, so an application module cannot use their names.
+RESERVED_MODULES = frozenset({"zenflow", "engine", "agent", "cli"})
+
+
 def load_registry(module_names: Iterable[str], *, search_path: Path | None = None) -> Registry:
     """Import the application modules and register their tasks and workflows.
 
@@ -160,6 +164,12 @@ def load_registry(module_names: Iterable[str], *, search_path: Path | None = Non
         sys.path.insert(0, folder)
     registry = Registry()
     for name in names:
+        if name.split(".")[0] in RESERVED_MODULES:
+            raise ConfigurationError(
+                f"application module {name!r} has the name of one of zenflow's packages "
+                f"({', '.join(sorted(RESERVED_MODULES))}), which the zenflow process has "
+                "already imported; rename your module"
+            )
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:

@@ -367,11 +367,11 @@ def test_runs_show_timeline(cli_cluster: Cluster, recorded: RecordedRuns) -> Non
     assert re.search(rf"^\s+finished\s+.* UTC \(took {DURATION}\)$", text, re.MULTILINE), text
     steps = [
         r"step 1 scheduled\s+Double\(5\) on queue 'default'",
-        rf"step 1 completed\s+Double -> 10 \({DURATION}, agent ",
+        rf"step 1 completed\s+Double -> 10 \(ran {DURATION}, queued {DURATION}, agent ",
         r"step 2 scheduled\s+AsyncAdd\(10, 1\) on queue 'async'",
-        rf"step 2 completed\s+AsyncAdd -> 11 \({DURATION}, agent ",
+        rf"step 2 completed\s+AsyncAdd -> 11 \(ran {DURATION}, queued {DURATION}, agent ",
         r"step 3 scheduled\s+echo\(11\) on queue 'default'",
-        rf"step 3 completed\s+echo -> 11 \({DURATION}, agent ",
+        rf"step 3 completed\s+echo -> 11 \(ran {DURATION}, queued {DURATION}, agent ",
         r"run completed -> \[10, 11, 11\]",
     ]
     for step in steps:
@@ -386,7 +386,7 @@ def test_runs_show_failed_run(cli_cluster: Cluster, recorded: RecordedRuns) -> N
     assert re.search(
         r"^\s+error\s+TaskFailed: task Fail failed with ValueError: boom$", text, re.MULTILINE
     ), text
-    assert re.search(rf"step 2 failed\s+Fail: ValueError: boom \({DURATION}", text), text
+    assert re.search(rf"step 2 failed\s+Fail: ValueError: boom \(ran {DURATION}", text), text
     assert "run failed: TaskFailed" in text
     assert "\ntraceback of the workflow\n" in text
     assert 'yield Fail("boom")' in text
