@@ -27,6 +27,7 @@ from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 import structlog
 
 from zenflow import _aio, protocol, serializer
@@ -171,7 +172,12 @@ class AgentService:
         log.debug("task_started")
         try:
             value = await self._call(definition, message)
-        except Exception as error:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            # Task code may raise SystemExit, KeyboardInterrupt or GeneratorExit; they come
+            # from the task (signals reach the main thread, not this task), so they fail
+            # only its attempt instead of stopping the agent.
             self.stats["failed"] += 1
             log.warning("task_failed", error_type=type(error).__name__, error=str(error))
             log.debug("task_failed_traceback", exc_info=error)
@@ -259,6 +265,12 @@ class AgentService:
             await self.publish_channel.default_exchange.publish(
                 reply, message.reply_to, mandatory=True
             )
+        except aiormq.exceptions.DeliveryError as error:
+            # The broker routed the result to no queue: the reply queue named by the task
+            # message does not exist. Delivering the task again would loop on the same
+            # answer, so the message is dropped.
+            log.error("result_unroutable", reply_to=message.reply_to, error=_aio.describe(error))
+            return True
         except _aio.CONNECTION_ERRORS as error:
             log.warning("result_publish_failed", error=_aio.describe(error))
             with contextlib.suppress(*_aio.CONNECTION_ERRORS):
@@ -267,16 +279,23 @@ class AgentService:
         return True
 
     def _encode(self, result: protocol.TaskResult) -> bytes:
-        """Encode a result; a value that cannot be encoded fails the attempt instead."""
+        """Encode a result; a value that cannot be encoded, or is too big, fails the attempt."""
         try:
-            return serializer.encode(result.to_body())
+            body = serializer.encode(result.to_body())
         except SerializationError as error:
             reason = str(error)
-        # Encode the value alone to name the path inside it, such as result['items'][0].
-        try:
-            serializer.encode(result.value, name="result")
-        except SerializationError as error:
-            reason = str(error)
+            # Encode the value alone to name the path inside it, such as result['items'][0].
+            try:
+                serializer.encode(result.value, name="result")
+            except SerializationError as inner:
+                reason = str(inner)
+        else:
+            if len(body) <= protocol.MAX_MESSAGE_BYTES:
+                return body
+            reason = (
+                f"the result is {len(body)} bytes once encoded; the limit is "
+                f"{protocol.MAX_MESSAGE_BYTES}. Store big data elsewhere and return a reference"
+            )
         self.stats["failed"] += 1
         log.warning("task_failed", error_type="SerializationError", error=reason)
         failure = dataclasses.replace(

@@ -165,14 +165,22 @@ def engine(
     database_url: DatabaseUrl = None,
     namespace: Namespace = None,
     cache_size: Annotated[
-        int, typer.Option(help="Maximum number of live workflow generators kept in memory.", min=0)
+        int,
+        typer.Option(
+            help="Maximum number of live workflow generators kept in memory.", min=0, max=10_000_000
+        ),
     ] = 10_000,
     max_request_bytes: Annotated[
-        int, typer.Option(help="Largest accepted start request body, in bytes.", min=1024)
+        int,
+        typer.Option(
+            help="Largest accepted start request body, in bytes.", min=1024, max=128 * 1024 * 1024
+        ),
     ] = 1024 * 1024,
     workers: Annotated[
         int | None,
-        typer.Option(help="Database worker threads. Default: 1 on SQLite, 4 on PostgreSQL.", min=1),
+        typer.Option(
+            help="Database worker threads. Default: 1 on SQLite, 4 on PostgreSQL.", min=1, max=256
+        ),
     ] = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -209,7 +217,10 @@ def agent(
         ),
     ] = None,
     concurrency: Annotated[
-        int, typer.Option(help="Tasks run at the same time (and messages prefetched).", min=1)
+        int,
+        typer.Option(
+            help="Tasks run at the same time (and messages prefetched).", min=1, max=65535
+        ),
     ] = 8,
     amqp_url: AmqpUrl = None,
     namespace: Namespace = None,
@@ -356,7 +367,7 @@ def runs_list(
     status: Annotated[Status | None, typer.Option(help="Show only runs with this status.")] = None,
     workflow: Annotated[str | None, typer.Option(help="Show only runs of this workflow.")] = None,
     limit: Annotated[
-        int, typer.Option(help="Maximum number of runs shown, newest first.", min=1)
+        int, typer.Option(help="Maximum number of runs shown, newest first.", min=1, max=1_000_000)
     ] = 50,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON array instead of a table.")

@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.store.models import Attempt, HistoryEntry
 from engine.store.queries import RunView, load_json
-from zenflow import serializer
+from zenflow import protocol, serializer
 from zenflow.commands import describe_call
 from zenflow.errors import SerializationError
 from zenflow.protocol import _json_fallback
@@ -24,11 +24,17 @@ def _jsonable(value: Any) -> Any:
         return {k if isinstance(k, str) else to_json(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_jsonable(item) for item in value]
+    if type(value) is int:
+        return protocol.json_int(value)
     return value
 
 
 def format_value(value: Any, limit: int = 200) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:
+        # An int with more than sys.get_int_max_str_digits() digits has no decimal repr.
+        text = f"<{type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

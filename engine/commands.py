@@ -7,7 +7,7 @@ from typing import Any
 
 from zenflow.commands import TaskCall
 from zenflow.errors import DefinitionError
-from zenflow.task import Task, TaskFunction
+from zenflow.task import Task, TaskFunction, validate_name, validate_queue_name
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
 
@@ -29,10 +29,24 @@ def to_commands(yielded: Any, workflow: str) -> tuple[list[TaskCall], bool]:
 
 def _to_call(value: Any, workflow: str, where: str) -> TaskCall:
     if isinstance(value, TaskCall):
-        return value
+        return _checked(value, workflow, where)
     if isinstance(value, Task):
         return value.to_call()
     raise DefinitionError(explain_not_a_command(value, workflow, where))
+
+
+def _checked(call: TaskCall, workflow: str, where: str) -> TaskCall:
+    """Return ``call`` if its fields are valid; a TaskCall built by hand is not checked."""
+    owner = f"workflow {workflow}, {where}"
+    validate_name(call.name, owner)
+    validate_queue_name(call.queue, owner)
+    if call.mode not in ("execute", "dispatch"):
+        raise DefinitionError(f"{owner}: invalid mode {call.mode!r}: use 'execute' or 'dispatch'")
+    if not isinstance(call.args, tuple | list):
+        raise DefinitionError(f"{owner}: args must be a tuple, not {type(call.args).__name__}")
+    if not isinstance(call.kwargs, dict) or not all(isinstance(key, str) for key in call.kwargs):
+        raise DefinitionError(f"{owner}: kwargs must be a dict with string keys")
+    return call
 
 
 def explain_not_a_command(value: Any, workflow: str, where: str) -> str:

@@ -33,6 +33,7 @@ from engine.store.queries import dump_json, find_run, view_run
 from engine.writer import OutgoingMessage, RunState, Sql, StaleRun, Writer, delete_outbox
 from zenflow import protocol, serializer
 from zenflow.context import RunContext
+from zenflow.errors import DefinitionError
 from zenflow.registry import Registry, WorkflowDefinition
 
 log = structlog.get_logger("engine")
@@ -103,7 +104,11 @@ class Processor:
                 effects.duplicate = True
                 return effects
             now = utcnow()
-            business_id = request.business_id or _business_id(definition, request)
+            failure: dict[str, Any] | None = None
+            try:
+                business_id = request.business_id or _business_id(definition, request)
+            except BaseException as error:  # user code; see Execution._step
+                business_id, failure = None, error_dict(error)
             run = RunState(
                 id=run_id,
                 workflow=request.workflow,
@@ -120,9 +125,14 @@ class Processor:
             )
             writer = Writer(connection, self.sql, run, now, new=True)
             writer.append("run_started", payload=run.input)
-            context = RunContext(run_id, request.workflow, business_id)
-            execution = Execution(definition, context, request.args, request.kwargs)
-            self._apply(writer, execution, execution.advance(), effects)
+            execution: Execution | None = None
+            if failure is not None:
+                self._fail(writer, failure)
+                effects.finished = view_run(run).to_dict()
+            else:
+                context = RunContext(run_id, request.workflow, business_id)
+                execution = Execution(definition, context, request.args, request.kwargs)
+                self._apply(writer, execution, execution.advance(), effects)
             effects.outbox = writer.flush()
         self._keep(run, execution, effects)
         return effects
@@ -463,16 +473,20 @@ def _load_history(connection: Connection, run_id: str) -> History:
 
 
 def _business_id(definition: WorkflowDefinition, request: protocol.StartRequest) -> str | None:
-    """Return the business id from the workflow's ``id()``, if it defines one."""
-    try:
-        instance = definition.instantiate(request.args, request.kwargs)
-        business_id = instance.id() if instance is not None else None
-    except Exception:
-        # The execution instantiates the workflow again and fails the run with the error.
-        return None
+    """Return the business id from the workflow's ``id()``, if it defines one.
+
+    Raises:
+        DefinitionError: ``id()`` returned something else than a usable id text.
+        BaseException: whatever the workflow's ``__init__`` or ``id()`` raised.
+    """
+    instance = definition.instantiate(request.args, request.kwargs)
+    business_id = instance.id() if instance is not None else None
     if business_id is None:
         return None
-    return str(business_id)[: protocol.MAX_BUSINESS_ID_LENGTH]
+    problem = protocol.text_problem(business_id, protocol.MAX_BUSINESS_ID_LENGTH)
+    if problem is not None:
+        raise DefinitionError(f"{definition.name}.id() returned a business id that {problem}")
+    return str(business_id)
 
 
 def _from_epoch(value: float | None) -> dt.datetime | None:

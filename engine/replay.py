@@ -22,7 +22,7 @@ from collections.abc import Generator
 from typing import Any, Literal
 
 from engine.commands import to_commands
-from zenflow import serializer
+from zenflow import protocol, serializer
 from zenflow.commands import TaskCall, describe_call
 from zenflow.context import RunContext, reset_current_run, set_current_run
 from zenflow.errors import DefinitionError, NonDeterminismError, SerializationError, TaskFailed
@@ -182,7 +182,7 @@ class Execution:
         try:
             instance = self.definition.instantiate(self.args, self.kwargs)
             started = self.definition.begin(instance, self.args, self.kwargs)
-        except Exception as error:
+        except BaseException as error:  # user code; see _step
             self._fail(error_dict(error), history)
             return
         if not inspect.isgenerator(started):
@@ -232,7 +232,9 @@ class Execution:
         except StopIteration as stop:
             self._complete(stop.value, history)
             return
-        except Exception as error:
+        except BaseException as error:
+            # Workflow code runs in an engine worker thread, where no signal arrives, so even
+            # SystemExit or KeyboardInterrupt comes from the workflow and fails only its run.
             self._fail(error_dict(error, **_step_of(error)), history)
             return
         try:
@@ -376,9 +378,16 @@ def _describe_decision(steps: list[Step], is_list: bool) -> str:
 
 def _encode_arguments(call: TaskCall) -> bytes:
     try:
-        return serializer.encode([list(call.args), call.kwargs])
+        payload = serializer.encode([list(call.args), call.kwargs])
     except SerializationError:
         pass
+    else:
+        if len(payload) > protocol.MAX_MESSAGE_BYTES:
+            raise SerializationError(
+                f"task {call.name}: its arguments are {len(payload)} bytes once encoded; the "
+                f"limit is {protocol.MAX_MESSAGE_BYTES}. Pass a reference to big data instead"
+            )
+        return payload
     # Encode the parts again to name where the unencodable value sits.
     try:
         serializer.encode(list(call.args), name="args")

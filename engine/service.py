@@ -33,7 +33,8 @@ from typing import IO, Any, TypeVar
 import aio_pika
 import aio_pika.abc
 import structlog
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from engine.cache import ExecutionCache
 from engine.processor import Effects, Processor
@@ -57,6 +58,16 @@ T = TypeVar("T")
 OUTBOX_FLUSH_INTERVAL = 0.1
 OUTBOX_SWEEP_INTERVAL = 5.0
 OUTBOX_SWEEP_MIN_AGE = 10.0
+
+# Database errors that pass: a lost connection, a locked SQLite file, a full pool. A message
+# whose handling hit one is delivered again later. Any other database error (a value the
+# column refuses, a broken constraint) would fail again on every delivery, so it is final.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    StoreError,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +175,11 @@ class EngineService:
             requests = await consume_channel.get_queue(self.topology.requests_queue)
             results = await consume_channel.get_queue(self.topology.results_queue)
 
-            await self._publish_leftover_outbox()
+            try:
+                await self._publish_leftover_outbox()
+            except Exception as error:
+                # The sweeper publishes them later.
+                log.warning("outbox_republish_failed", error=redact_url(_aio.describe(error)))
             request_tag = await requests.consume(self._tracked(self._on_request))
             result_tag = await results.consume(self._tracked(self._on_result))
             log.info(
@@ -237,7 +252,7 @@ class EngineService:
                     reply_to=message.reply_to,
                 )
                 await self._reply(message, {"ok": False, "error": error.to_error()})
-            except (OperationalError, DBAPIError, StoreError) as error:
+            except TRANSIENT_ERRORS as error:
                 await self._retry_later(message, error)
                 return
             except Exception as error:
@@ -323,7 +338,7 @@ class EngineService:
             try:
                 async with self._run_lock(result.run_id):
                     effects = await self._in_thread(self.processor.record_result, result)
-            except (OperationalError, DBAPIError, StoreError) as error:
+            except TRANSIENT_ERRORS as error:
                 await self._retry_later(message, error)
                 return
             except Exception as error:
@@ -358,8 +373,9 @@ class EngineService:
     # Publishing.
 
     async def _publish_effects(self, effects: Effects) -> None:
-        for row in effects.outbox:
-            await self._publish_outbox_row(row)
+        # Concurrently, so that a step with many parallel tasks waits for one round of
+        # confirms rather than one per task.
+        await asyncio.gather(*(self._publish_outbox_row(row) for row in effects.outbox))
         if effects.finished is not None:
             await self._notify_finished(effects.finished)
 
@@ -375,9 +391,10 @@ class EngineService:
             await self.publish_channel.default_exchange.publish(
                 message, row.routing_key, mandatory=True
             )
-        except _aio.CONNECTION_ERRORS as error:
-            # The sweeper publishes the row again once the connection is back.
-            log.warning(
+        except Exception as error:
+            # The sweeper publishes the row again, once the connection is back.
+            connection_lost = isinstance(error, _aio.CONNECTION_ERRORS)
+            (log.warning if connection_lost else log.error)(
                 "publish_failed",
                 run_id=row.run_id,
                 queue=row.routing_key,
@@ -440,8 +457,7 @@ class EngineService:
             rows = await self._in_thread(self.processor.pending_outbox, 1000, after)
             if not rows:
                 break
-            for row in rows:
-                await self._publish_outbox_row(row)
+            await asyncio.gather(*(self._publish_outbox_row(row) for row in rows))
             total += len(rows)
             after = rows[-1].id
         if total:
@@ -450,8 +466,9 @@ class EngineService:
     async def _flush_outbox(self) -> None:
         try:
             await self._in_thread(self.processor.flush_confirmed_outbox)
-        except (OperationalError, DBAPIError, StoreError) as error:
-            log.warning("outbox_flush_failed", error=_aio.describe(error))
+        except Exception as error:
+            # The rows stay confirmed in memory; the next flush deletes them.
+            log.warning("outbox_flush_failed", error=redact_url(_aio.describe(error)))
 
     async def _flush_outbox_forever(self) -> None:
         while True:
@@ -462,22 +479,23 @@ class EngineService:
         while True:
             await asyncio.sleep(OUTBOX_SWEEP_INTERVAL)
             try:
-                rows = await self._in_thread(self.processor.pending_outbox, 1000, "")
-            except (OperationalError, DBAPIError, StoreError) as error:
-                log.warning("outbox_sweep_failed", error=_aio.describe(error))
-                continue
-            cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
-            pending = self.processor.confirmed_outbox() | self._publishing_outbox
-            stale = [
-                row
-                for row in rows
-                if row.id not in pending
-                and (row.created_at is None or row.created_at.timestamp() < cutoff)
-            ]
-            for row in stale:
-                await self._publish_outbox_row(row)
-            if stale:
-                log.info("outbox_swept", messages=len(stale))
+                await self._sweep_outbox()
+            except Exception as error:
+                log.warning("outbox_sweep_failed", error=redact_url(_aio.describe(error)))
+
+    async def _sweep_outbox(self) -> None:
+        rows = await self._in_thread(self.processor.pending_outbox, 1000, "")
+        cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
+        pending = self.processor.confirmed_outbox() | self._publishing_outbox
+        stale = [
+            row
+            for row in rows
+            if row.id not in pending
+            and (row.created_at is None or row.created_at.timestamp() < cutoff)
+        ]
+        await asyncio.gather(*(self._publish_outbox_row(row) for row in stale))
+        if stale:
+            log.info("outbox_swept", messages=len(stale))
 
     # Helpers.
 

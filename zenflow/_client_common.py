@@ -50,13 +50,10 @@ def build_start(
             f"cannot start {workflow!r}: pass a workflow name, a Workflow subclass or a "
             "function decorated with @workflow"
         )
-    if business_id is not None and (
-        not isinstance(business_id, str) or len(business_id) > protocol.MAX_BUSINESS_ID_LENGTH
-    ):
-        raise DefinitionError(
-            f"invalid business id {business_id!r}: use a string of at most "
-            f"{protocol.MAX_BUSINESS_ID_LENGTH} characters"
-        )
+    if business_id is not None:
+        problem = protocol.text_problem(business_id, protocol.MAX_BUSINESS_ID_LENGTH)
+        if problem is not None:
+            raise DefinitionError(f"invalid business id: it {problem}")
     request = protocol.StartRequest(
         workflow=name,
         args=tuple(args),

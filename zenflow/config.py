@@ -21,7 +21,9 @@ DEFAULT_DATABASE_URL = "sqlite:///zenflow.db"
 DEFAULT_NAMESPACE = "zenflow"
 
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_\-]{1,50}$")
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)@")
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]{0,30}://[^:/@\s]*:)(?P<secret>[^@\s]*)@"
+)
 
 
 @dataclasses.dataclass(frozen=True)

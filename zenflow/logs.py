@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from zenflow.config import redact_url
+from zenflow.errors import ConfigurationError
 
 _LIBRARY_LOGGERS = ("pika", "aio_pika", "aiormq", "sqlalchemy", "alembic", "asyncio")
 
@@ -38,7 +39,10 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     level_name = (level or os.environ.get("ZENFLOW_LOG_LEVEL") or "info").upper()
     numeric = logging.getLevelName(level_name)
     if not isinstance(numeric, int):
-        numeric = logging.INFO
+        raise ConfigurationError(
+            f"invalid log level {level_name.lower()!r}: use debug, info, warning or error "
+            "(--log-level or ZENFLOW_LOG_LEVEL)"
+        )
     if json is None:
         json = not sys.stderr.isatty()
 
@@ -79,3 +83,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     # Library chatter (every connection attempt, every SQL statement) only at debug.
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    # psycopg warns when it discards the rest of a pipeline after a failed statement, which
+    # is how the engine detects a concurrent update; the engine handles that case itself.
+    logging.getLogger("psycopg").setLevel(max(numeric, logging.ERROR))
+    logging.captureWarnings(True)

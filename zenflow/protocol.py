@@ -29,6 +29,11 @@ MSGPACK_CONTENT_TYPE = serializer.CONTENT_TYPE
 # configured otherwise; it bounds the memory one message can claim.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
+# Task arguments and results bigger than this fail the step: RabbitMQ closes the channel on
+# a message over its own max_message_size (128 MiB by default), and every step's payload is
+# stored in history.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 # Business ids are indexed, so they have a bounded length.
 MAX_BUSINESS_ID_LENGTH = 255
 
@@ -269,19 +274,28 @@ def _optional_string(body: Mapping[str, Any], field: str, max_length: int) -> st
     value = body.get(field)
     if value is None:
         return None
-    if not isinstance(value, str) or not value:
-        raise InvalidMessage(
-            "invalid_field",
-            f"field {field!r} must be a non-empty string, not {_short(value)}",
-            field,
-        )
-    if len(value) > max_length:
-        raise InvalidMessage(
-            "invalid_field",
-            f"field {field!r} is {len(value)} characters long; the limit is {max_length}",
-            field,
-        )
+    problem = text_problem(value, max_length)
+    if problem is not None:
+        raise InvalidMessage("invalid_field", f"field {field!r} {problem}", field)
     return value
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def text_problem(value: Any, max_length: int) -> str | None:
+    """Say why ``value`` is not a usable id text, or return None if it is.
+
+    Ids are stored in indexed text columns: PostgreSQL rejects NUL characters in text, and
+    control characters would garble logs and the CLI's output.
+    """
+    if not isinstance(value, str) or not value:
+        return f"must be a non-empty string, not {_short(value)}"
+    if len(value) > max_length:
+        return f"is {len(value)} characters long; the limit is {max_length}"
+    if _CONTROL_CHARACTERS.search(value):
+        return f"must not contain control characters: {_short(value)}"
+    return None
 
 
 # Bounded repr for error messages. A decoded body can contain lists nested a thousand levels
@@ -346,8 +360,8 @@ class TaskMessage:
         return cls(
             run_id=_require(fields, "run_id", str),
             workflow=_require(fields, "workflow", str),
-            step=_require(fields, "step", int),
-            attempt=_require(fields, "attempt", int),
+            step=_require_counter(fields, "step"),
+            attempt=_require_counter(fields, "attempt"),
             task=_require(fields, "task", str),
             args=tuple(_require(fields, "args", list)),
             kwargs=_require_kwargs(fields),
@@ -401,17 +415,37 @@ class TaskResult:
                 "traceback": _text(error.get("traceback", "")),
             }
         return cls(
-            run_id=_require(fields, "run_id", str),
-            step=_require(fields, "step", int),
-            attempt=_require(fields, "attempt", int),
+            run_id=_require_id(fields, "run_id"),
+            step=_require_counter(fields, "step"),
+            attempt=_require_counter(fields, "attempt"),
             ok=ok,
             workflow=_text(fields.get("workflow") or ""),
             value=fields.get("value"),
             error=error if not ok else None,
-            agent=_text(fields.get("agent") or ""),
+            agent=_CONTROL_CHARACTERS.sub("?", _text(fields.get("agent") or "")),
             started_at=_optional_number(fields, "started_at"),
             finished_at=_optional_number(fields, "finished_at"),
         )
+
+
+# Steps and attempts are stored in 32-bit integer columns.
+MAX_COUNTER = 2**31 - 1
+
+
+def _require_counter(fields: Mapping[str, Any], name: str) -> int:
+    value: int = _require(fields, name, int)
+    if not 1 <= value <= MAX_COUNTER:
+        raise InvalidMessage(
+            "invalid_field", f"field {name!r} must be from 1 to {MAX_COUNTER}, not {value}", name
+        )
+    return value
+
+
+def _require_id(fields: Mapping[str, Any], name: str) -> str:
+    _require(fields, name, str)
+    value = _optional_id(fields, name)
+    assert value is not None
+    return value
 
 
 def _require_map(body: Any, kind: str) -> Mapping[str, Any]:
@@ -505,7 +539,7 @@ def _with_json_keys(value: Any, depth: int) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [_with_json_keys(item, depth + 1) for item in value]
     if type(value) is int:
-        return _json_int(value)
+        return json_int(value)
     return value
 
 
@@ -515,7 +549,7 @@ def _json_key(key: Any, depth: int) -> Any:
     Keys that json.dumps accepts (str, int, float, bool, None) are returned unchanged.
     """
     if type(key) is int:
-        return _json_int(key)
+        return json_int(key)
     if key is None or isinstance(key, str | int | float):
         return key
     converted = _json_fallback(key)
@@ -526,7 +560,7 @@ def _json_key(key: Any, depth: int) -> Any:
     )
 
 
-def _json_int(value: int) -> int | str:
+def json_int(value: int) -> int | str:
     """Return ``value``, or its hex text when it has too many digits for a JSON number.
 
     json.dumps converts ints to decimal text, which raises ValueError beyond

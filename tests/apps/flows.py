@@ -274,3 +274,45 @@ class CallsUnregisteredTask(Workflow):
 
     def handle(self):  # type: ignore[no-untyped-def]
         return (yield TaskCall("orphan_task", "orphans"))
+
+
+@task
+def exits(code: int) -> None:
+    raise SystemExit(code)
+
+
+class CatchesTaskExit(Workflow):
+    """A task raising SystemExit fails its attempt; the agent keeps serving."""
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        try:
+            yield exits(3)
+        except TaskFailed as failure:
+            return f"caught {failure.error_type}"
+        return "not raised"
+
+
+class ExitsMidway(Workflow):
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield Double(1)
+        raise SystemExit(4)
+
+
+@task
+def returns_bytes(size: int) -> bytes:
+    return b"x" * size
+
+
+class ReturnsBigValue(Workflow):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return len((yield returns_bytes(self.size)))
+
+
+class YieldsBadQueue(Workflow):
+    """Yields a hand-built TaskCall whose queue name RabbitMQ would refuse."""
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield TaskCall("echo", "bad queue\x00name", args=(1,)))

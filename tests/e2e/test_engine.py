@@ -44,6 +44,35 @@ def test_unencodable_task_argument_fails_run(flows_cluster: Cluster) -> None:
     assert "args[0]['when']" in error["message"]
 
 
+def test_system_exit_in_task_fails_only_its_attempt(flows_cluster: Cluster) -> None:
+    with flows_cluster.client() as client:
+        run_id = client.start("CatchesTaskExit")
+        assert client.wait(run_id, timeout=30) == "caught SystemExit"
+        # The agent survived: the next run's tasks still execute.
+        assert client.wait(client.start("Sequential", 1), timeout=30) == [2, 3, 3]
+
+
+def test_system_exit_in_workflow_fails_only_its_run(flows_cluster: Cluster) -> None:
+    error = wait_failed(flows_cluster, "ExitsMidway")
+    assert error["type"] == "SystemExit"
+    with flows_cluster.client() as client:
+        assert client.wait(client.start("Sequential", 1), timeout=30) == [2, 3, 3]
+
+
+def test_oversized_task_result_fails_attempt(flows_cluster: Cluster) -> None:
+    error = wait_failed(flows_cluster, "ReturnsBigValue", 17 * 1024 * 1024)
+    assert error["cause"]["type"] == "SerializationError"
+    assert "the limit is 16777216" in error["cause"]["message"]
+    with flows_cluster.client() as client:
+        assert client.wait(client.start("ReturnsBigValue", 1000), timeout=30) == 1000
+
+
+def test_hand_built_call_with_bad_queue_fails_run(flows_cluster: Cluster) -> None:
+    error = wait_failed(flows_cluster, "YieldsBadQueue")
+    assert error["type"] == "DefinitionError"
+    assert "queue" in error["message"]
+
+
 def test_unregistered_task_gets_error_result(flows_cluster: Cluster) -> None:
     flows_cluster.start_agent("--queue", "orphans")
     error = wait_failed(flows_cluster, "CallsUnregisteredTask")

@@ -259,6 +259,8 @@ INVALID_REQUESTS = [
     ),
     ("business_id empty", start(business_id=""), "invalid_field", "business_id"),
     ("business_id number", start(business_id=5), "invalid_field", "business_id"),
+    ("business_id NUL", start(business_id="order\x00-1"), "invalid_field", "business_id"),
+    ("business_id newline", start(business_id="order\n1"), "invalid_field", "business_id"),
     ("get_run without ids", get_run(), "missing_field", "run_id"),
     ("get_run null ids", get_run(run_id=None, business_id=None), "missing_field", "run_id"),
     ("get_run bad run_id", get_run(run_id="a b"), "invalid_field", "run_id"),
@@ -419,6 +421,20 @@ def ok_result() -> TaskResult:
 def failed_result() -> TaskResult:
     error = {"type": "ValueError", "message": "bad amount", "traceback": "Traceback ..."}
     return TaskResult(run_id="run-1", step=3, attempt=2, ok=False, error=error, agent="a")
+
+
+@pytest.mark.parametrize(("field", "value"), [("step", 0), ("attempt", -1), ("step", 2**31)])
+def test_task_result_counter_out_of_range(field: str, value: int) -> None:
+    body = {**ok_result().to_body(), field: value}
+    with pytest.raises(InvalidMessage) as caught:
+        TaskResult.from_body(body)
+    assert caught.value.field == field
+    assert str(value) in str(caught.value)
+
+
+def test_task_result_agent_control_characters_replaced() -> None:
+    body = {**ok_result().to_body(), "agent": "host\x1b[31m:1"}
+    assert TaskResult.from_body(body).agent == "host?[31m:1"
 
 
 @pytest.mark.parametrize("make_result", [ok_result, failed_result], ids=["ok", "failed"])
