@@ -1,4 +1,5 @@
-"""Measure zenflow's step latency and throughput against the raw AMQP floor on one machine.
+"""Measure zenflow's step latency and throughput against the raw AMQP floor on one machine,
+and how late its timers fire on an idle engine.
 
 Run from the repository root, in the project's virtualenv, with RabbitMQ and PostgreSQL up:
 
@@ -11,7 +12,9 @@ queue and then acknowledges, as a zenflow agent does. The zenflow figures come f
 ``zenflow engine`` and ``zenflow agent`` processes started with the helpers of tests/support.py,
 each backend with its own namespace and database, and are printed as ratios to the floor. The
 sequential round trip is measured again right before each backend, because other processes
-on the machine change latencies within minutes.
+on the machine change latencies within minutes. The timer phase runs last on each backend. It
+compares, for each timer, the ``history.created_at`` of its ``timer_fired`` entry with its
+``timers.fire_at``.
 
 Every process, queue and database that the script creates is removed when it ends, also on
 Ctrl-C, SIGTERM or an error; ``--timeout`` bounds the measurements.
@@ -69,7 +72,14 @@ BENCH_APPS = Path(__file__).resolve().parent / "apps"
 APP = "bench_app"
 CHAIN_WORKFLOW = "Chain"
 ONE_STEP_WORKFLOW = "OneStep"
+TIMER_WORKFLOW = "OneTimer"
 TARGET_RATIO = 3.0
+# Product target: on an idle engine a timer fires within this many milliseconds of its due time.
+TIMER_TARGET_MS = 1000.0
+# Seconds between the starts of the timer runs. Run i waits timer_seconds(i), so the due
+# instants are nominally at least 50 ms apart. Each start costs the engine a few ms, so the
+# engine is idle most of the time when a timer falls due.
+TIMER_START_INTERVAL = 0.05
 
 # The engine consumes with a prefetch of 200 by default (EngineOptions.prefetch); both
 # consumers of the floor use the same window.
@@ -183,6 +193,11 @@ def summarize(seconds: list[float]) -> dict[str, float]:
         "p50_ms": percentile(50),
         "p95_ms": percentile(95),
     }
+
+
+def timer_seconds(index: int) -> float:
+    """Return the wait of the timer run number ``index``: 1.0 to 4.9 s in steps of 0.1 s."""
+    return 1 + (index % 40) / 10
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -564,6 +579,8 @@ class ZenflowBench:
                 report["profile"] = await self._profile(meter)
             report["throughput"] = await self._throughput(meter)
             report["throughput"]["ratio"] = report["throughput"]["per_second"] / floor_rate
+            if self.options.timers:
+                report["timers"] = await self._timer_lateness()
             return report
 
     def _process_groups(self) -> dict[str, list[int]]:
@@ -710,14 +727,23 @@ class ZenflowBench:
             self.deadline.left(60),
         )
         confirmed = time.perf_counter() - started
+        await self._wait_finished(ONE_STEP_WORKFLOW, before + count, self.deadline.left(180))
+        return first_start, confirmed, time.perf_counter() - started
+
+    async def _wait_finished(self, workflow: str, total: int, timeout: float) -> None:
+        """Poll the database until ``total`` runs of ``workflow`` have finished.
+
+        Raises:
+            RuntimeError: the engine exited.
+            TimeoutError: ``timeout`` seconds passed.
+        """
 
         async def all_finished() -> bool:
             if self.engine.popen.poll() is not None:
                 raise RuntimeError(f"the engine exited:\n{self.engine.log_text()[-3000:]}")
-            return await self._finished_runs(ONE_STEP_WORKFLOW) >= before + count
+            return await self._finished_runs(workflow) >= total
 
-        await poll_until(all_finished, self.deadline.left(180), f"{count} runs to finish")
-        return first_start, confirmed, time.perf_counter() - started
+        await poll_until(all_finished, timeout, f"{total} {workflow} runs to finish")
 
     async def _throughput(self, meter: CpuMeter) -> dict[str, Any]:
         await self._start_and_wait_all(self.options.throughput_warmup)
@@ -735,6 +761,69 @@ class ZenflowBench:
             "polled_s": polled,
             "cpu_ms_per_run": cpu,
         }
+
+    async def _timer_lateness(self) -> dict[str, Any]:
+        """Start OneTimer runs TIMER_START_INTERVAL apart, wait until all have finished, and
+        return the lateness of their timers.
+
+        A timer's lateness is the history.created_at of its ``timer_fired`` entry minus its
+        timers.fire_at. The engine's clock sets both.
+        """
+        count = self.options.timers
+        durations = [timer_seconds(index) for index in range(count)]
+        before = await self._finished_runs(TIMER_WORKFLOW)
+        loop = asyncio.get_running_loop()
+        first_start = loop.time()
+        for index, seconds in enumerate(durations):
+            # Starts follow a fixed schedule, so a slow start delays none of the later ones.
+            delay = first_start + index * TIMER_START_INTERVAL - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await asyncio.wait_for(
+                self.client.start(TIMER_WORKFLOW, seconds), self.deadline.left(30)
+            )
+        await self._wait_finished(
+            TIMER_WORKFLOW, before + count, self.deadline.left(max(durations) + 60)
+        )
+        elapsed = loop.time() - first_start
+
+        rows = await asyncio.to_thread(self._timer_rows)
+        lateness = [
+            (as_datetime(fired_at) - as_datetime(fire_at)).total_seconds()
+            for fire_at, fired_at, _ in rows
+            if fired_at is not None
+        ]
+        summary: dict[str, Any] = summarize(lateness)
+        if lateness:
+            summary["min_ms"] = min(lateness) * 1000
+            summary["max_ms"] = max(lateness) * 1000
+        unfired = sum(1 for _, fired_at, _ in rows if fired_at is None)
+        failed = sum(1 for *_, status in rows if status == "failed")
+        met = summary["count"] == count and summary.get("max_ms", math.inf) < TIMER_TARGET_MS
+        return {
+            "runs": count,
+            "start_interval_s": TIMER_START_INTERVAL,
+            "wait_s": [min(durations), max(durations)],
+            "elapsed_s": elapsed,
+            "timers": len(rows),
+            "unfired": unfired,
+            "failed": failed,
+            "lateness": summary,
+            "target_max_ms": TIMER_TARGET_MS,
+            "met": met,
+        }
+
+    def _timer_rows(self) -> list[Any]:
+        """Return fire_at, the ``timer_fired`` entry's created_at (None if there is none) and
+        the run's status, for every timer of the OneTimer runs."""
+        return self.database.rows(
+            "SELECT timers.fire_at, history.created_at, runs.status FROM timers "
+            "JOIN runs ON runs.id = timers.run_id "
+            "LEFT JOIN history ON history.run_id = timers.run_id "
+            "AND history.step = timers.step AND history.kind = 'timer_fired' "
+            "WHERE runs.workflow = :workflow",
+            workflow=TIMER_WORKFLOW,
+        )
 
     def _last_finished(self) -> tuple[Any, int]:
         rows = self.database.rows(
@@ -976,6 +1065,8 @@ def print_report(report: dict[str, Any]) -> None:
         _print_throughput(result["throughput"])
         if result.get("profile"):
             _print_profile(result["profile"])
+        if result.get("timers"):
+            _print_timers(result["timers"])
     print()
 
 
@@ -1042,6 +1133,34 @@ def _print_throughput(throughput: dict[str, Any]) -> None:
     print(f"    CPU per run              {_cpu_text(throughput['cpu_ms_per_run'])}")
 
 
+def _print_timers(timers: dict[str, Any]) -> None:
+    lateness = timers["lateness"]
+    verdict = "met" if timers["met"] else "NOT met"
+    if lateness["count"]:
+        print(
+            f"  timer lateness           mean {lateness['mean_ms']:.1f} ms   "
+            f"p50 {lateness['p50_ms']:.1f} ms   p95 {lateness['p95_ms']:.1f} ms   "
+            f"max {lateness['max_ms']:.1f} ms   "
+            f"(target max < {TIMER_TARGET_MS:.0f} ms: {verdict})"
+        )
+    else:
+        print(f"  timer lateness           no timer fired (target: {verdict})")
+    shortest, longest = timers["wait_s"]
+    print(
+        f"    {timers['runs']} runs of one timer ({shortest:.1f} to {longest:.1f} s), started "
+        f"{timers['start_interval_s'] * 1000:.0f} ms apart, all finished after "
+        f"{timers['elapsed_s']:.1f} s"
+    )
+    print(
+        f"    {lateness['count']} timers fired, min lateness {lateness.get('min_ms', 0):.1f} ms; "
+        f"{timers['unfired']} without a timer_fired entry, {timers['failed']} runs failed"
+    )
+    print(
+        "    lateness = history.created_at of timer_fired (start of the firing transaction) "
+        "- timers.fire_at"
+    )
+
+
 def _print_profile(profile: dict[str, Any]) -> None:
     if "skipped" in profile:
         print(f"  profile skipped: {profile['skipped']}")
@@ -1080,7 +1199,8 @@ def _cpu_text(cpu_ms: dict[str, float]) -> str:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Measure zenflow's sequential step time and throughput on SQLite and "
-        "PostgreSQL, as ratios to a raw aio-pika round trip with the same delivery guarantees.",
+        "PostgreSQL, as ratios to a raw aio-pika round trip with the same delivery guarantees, "
+        "and how late timers fire on an idle engine.",
     )
     parser.add_argument(
         "--backend",
@@ -1144,6 +1264,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="One-step runs started and finished before the throughput figure (default: 50).",
     )
     zenflow.add_argument(
+        "--timers",
+        type=int,
+        default=100,
+        help="Runs of one timer each (1.0 to 4.9 s) for the timer lateness figure, started "
+        f"{TIMER_START_INTERVAL * 1000:.0f} ms apart; 0 skips the phase (default: 100).",
+    )
+    zenflow.add_argument(
         "--log-level",
         default="info",
         help="ZENFLOW_LOG_LEVEL of the engine and agent (default: info, zenflow's default). "
@@ -1182,6 +1309,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("round_trips", "pipelined_messages", "window", "steps", "repeats", "runs"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be 1 or more")
+    if options.timers < 0:
+        parser.error("--timers must be 0 or more")
     return options
 
 

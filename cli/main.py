@@ -176,6 +176,15 @@ def engine(
             help="Largest accepted start request body, in bytes.", min=1024, max=128 * 1024 * 1024
         ),
     ] = 1024 * 1024,
+    clock_offset: Annotated[
+        float,
+        typer.Option(
+            help="Seconds added to the engine's clock, to test timers and calendar waits "
+            "without waiting for the date. Leave at 0 in production.",
+            min=-1e9,
+            max=1e9,
+        ),
+    ] = 0.0,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -201,6 +210,7 @@ def engine(
             cache_size=cache_size,
             max_request_bytes=max_request_bytes,
             workers=workers,
+            clock_offset=clock_offset,
         )
         _serve(lambda: EngineService(options, registry), log_level)
 
@@ -240,6 +250,11 @@ def agent(
         _serve(lambda: service, log_level)
 
 
+class IfRunning(enum.StrEnum):
+    reject = "reject"
+    return_existing = "return_existing"
+
+
 @app.command()
 def start(
     workflow: Annotated[
@@ -256,6 +271,12 @@ def start(
     business_id: Annotated[
         str | None, typer.Option("--id", help="Business id of the run, e.g. order-A-17.")
     ] = None,
+    if_running: Annotated[
+        IfRunning,
+        typer.Option(
+            help="When an active run has the business id: reject the start, or print that run's id."
+        ),
+    ] = IfRunning.reject,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for the run to finish and print its result.")
     ] = False,
@@ -282,6 +303,7 @@ def start(
                     workflow,
                     *args,
                     business_id=business_id,
+                    if_running=if_running.value,
                     reply_timeout=min(timeout, 15.0),
                     **kwargs,
                 )
@@ -336,13 +358,23 @@ def parse_arguments(args_json: str | None) -> tuple[list[Any], dict[str, Any]]:
     )
 
 
+def parse_json(text: str, what: str) -> Any:
+    """Parse a JSON argument, or exit with a clear error that names it."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        fail(f"invalid {what} {text[:80]!r}: {error}. Pass JSON, e.g. '{{\"id\": 7}}'", 2)
+
+
 # Runs.
 
 
 class Status(enum.StrEnum):
     running = "running"
+    paused = "paused"
     completed = "completed"
     failed = "failed"
+    killed = "killed"
 
 
 @contextmanager
@@ -366,6 +398,16 @@ def _session(database_url: str | None) -> Iterator[Any]:
 def runs_list(
     status: Annotated[Status | None, typer.Option(help="Show only runs with this status.")] = None,
     workflow: Annotated[str | None, typer.Option(help="Show only runs of this workflow.")] = None,
+    business_id: Annotated[
+        str | None, typer.Option("--business-id", help="Show only runs with this business id.")
+    ] = None,
+    waiting_for: Annotated[
+        str | None,
+        typer.Option("--waiting-for", help="Show only runs waiting for the event of this name."),
+    ] = None,
+    parent: Annotated[
+        str | None, typer.Option("--parent", help="Show only child runs of this run id.")
+    ] = None,
     limit: Annotated[
         int, typer.Option(help="Maximum number of runs shown, newest first.", min=1, max=1_000_000)
     ] = 50,
@@ -382,7 +424,13 @@ def runs_list(
         runs = [
             view_run(run)
             for run in list_runs(
-                session, status=status.value if status else None, workflow=workflow, limit=limit
+                session,
+                status=status.value if status else None,
+                workflow=workflow,
+                business_id=business_id,
+                waiting_for=waiting_for,
+                parent_id=parent,
+                limit=limit,
             )
         ]
         if as_json:
@@ -401,7 +449,7 @@ def runs_show(
 ) -> None:
     """Show a run and the timeline of its history, with durations and errors."""
     from cli.render import run_document, run_timeline, to_json
-    from engine.store.queries import attempts_of, find_run, history_of, view_run
+    from engine.store.queries import attempts_of, find_run, history_of, list_runs, view_run
 
     with clear_errors(), _session(database_url) as session:
         run = find_run(session, run_id)
@@ -410,10 +458,104 @@ def runs_show(
         view = view_run(run)
         history = history_of(session, run.id)
         attempts = attempts_of(session, run.id)
+        children = [view_run(child) for child in list_runs(session, parent_id=run.id, limit=1000)]
         if as_json:
-            typer.echo(to_json(run_document(view, history, attempts)))
+            document = run_document(view, history, attempts)
+            document["children"] = [child.to_dict() for child in children]
+            typer.echo(to_json(document))
         else:
-            typer.echo(run_timeline(view, history, attempts))
+            typer.echo(run_timeline(view, history, attempts, children))
+
+
+RunReference = Annotated[str, typer.Argument(metavar="RUN", help="Run id or business id.")]
+
+
+@runs_app.command("event")
+def runs_event(
+    run: RunReference,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Event name, e.g. Delivered.")],
+    data_json: Annotated[
+        str | None,
+        typer.Argument(metavar="DATA_JSON", help="Event data as JSON. Default: null."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the engine's reply.", min=0.1)
+    ] = 30.0,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+) -> None:
+    """Send the event NAME with DATA_JSON to a running or paused run."""
+    from zenflow.client import Client
+
+    data = parse_json(data_json, "DATA_JSON") if data_json is not None else None
+    with clear_errors():
+        settings = _settings(amqp_url, None, namespace)
+        with Client(settings.amqp_url, namespace=settings.namespace) as client:
+            reply = client.send_event(run, name, data, timeout=timeout)
+    if reply.get("delivered"):
+        typer.echo(f"event {name!r} delivered to run {reply['run_id']}")
+    elif reply.get("handled"):
+        typer.echo(f"event {name!r} given to on_event of run {reply['run_id']}")
+    else:
+        typer.echo(f"event {name!r} kept for run {reply['run_id']} until it waits for it")
+
+
+def _control(
+    action: str, run: str, reason: str | None, timeout: float, amqp_url: str | None, ns: str | None
+) -> None:
+    from zenflow.client import Client
+
+    with clear_errors():
+        settings = _settings(amqp_url, None, ns)
+        with Client(settings.amqp_url, namespace=settings.namespace) as client:
+            if action == "kill":
+                reply = client.kill(run, reason=reason, timeout=timeout)
+            elif action == "pause":
+                reply = client.pause(run, timeout=timeout)
+            else:
+                reply = client.resume(run, timeout=timeout)
+    typer.echo(f"run {reply['run_id']} is {reply['status']}")
+
+
+ControlTimeout = Annotated[
+    float, typer.Option("--timeout", help="Seconds to wait for the engine's reply.", min=0.1)
+]
+
+
+@runs_app.command("kill")
+def runs_kill(
+    run: RunReference,
+    reason: Annotated[
+        str | None, typer.Option(help="Why the run is killed; stored in its history.")
+    ] = None,
+    timeout: ControlTimeout = 30.0,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+) -> None:
+    """Kill a run: nothing more is dispatched, timers are cancelled, children are killed."""
+    _control("kill", run, reason, timeout, amqp_url, namespace)
+
+
+@runs_app.command("pause")
+def runs_pause(
+    run: RunReference,
+    timeout: ControlTimeout = 30.0,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+) -> None:
+    """Pause a run: running tasks finish and are recorded, the workflow waits for resume."""
+    _control("pause", run, None, timeout, amqp_url, namespace)
+
+
+@runs_app.command("resume")
+def runs_resume(
+    run: RunReference,
+    timeout: ControlTimeout = 30.0,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+) -> None:
+    """Resume a paused run with what happened while it was paused."""
+    _control("resume", run, None, timeout, amqp_url, namespace)
 
 
 # Database.

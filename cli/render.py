@@ -6,10 +6,10 @@ import datetime as dt
 import json
 from typing import Any
 
-from engine.store.models import Attempt, HistoryEntry
+from engine.store.models import RESULT_KINDS, Attempt, HistoryEntry
 from engine.store.queries import RunView, load_json
 from zenflow import protocol, serializer
-from zenflow.commands import describe_call
+from zenflow.commands import describe_call, describe_rule
 from zenflow.errors import SerializationError
 from zenflow.protocol import _json_fallback
 
@@ -82,11 +82,18 @@ def runs_table(runs: list[RunView]) -> str:
     )
 
 
-def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attempt]) -> str:
+def run_timeline(
+    run: RunView,
+    history: list[HistoryEntry],
+    attempts: list[Attempt],
+    children: list[RunView] | None = None,
+) -> str:
     """Format a run's summary and the timeline of its history, with durations and errors."""
     lines = [f"run {run.run_id}", f"  workflow     {run.workflow}"]
     if run.business_id:
         lines.append(f"  business id  {run.business_id}")
+    if run.parent_id:
+        lines.append(f"  parent       {run.parent_id}")
     lines.append(f"  status       {run.status}")
     lines.append(f"  input        {describe_call(run.workflow, run.args, run.kwargs)}")
     lines.append(f"  created      {format_instant(run.created_at)}")
@@ -107,12 +114,16 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
         described = _describe_entry(entry, names, attempts_by_step)
         lines.append(f"  {'+' + format(offset, '.3f') + 's':>10}  {described}")
     waiting = waiting_steps(history)
-    if run.status == "running" and waiting:
+    if run.status in ("running", "paused") and waiting:
         lines.append("")
         lines.append("waiting for")
         for entry in waiting:
-            since = format_instant(entry.created_at)
-            lines.append(f"  step {entry.step} {entry.name} on queue {entry.queue!r} since {since}")
+            lines.append(f"  {_describe_wait(entry)}")
+    if children:
+        lines.append("")
+        lines.append("children")
+        for child in children:
+            lines.append(f"  {child.run_id}  {child.workflow}  {child.status}")
     if run.error:
         cause = run.error.get("cause")
         if isinstance(cause, dict) and cause.get("traceback"):
@@ -127,12 +138,45 @@ def run_timeline(run: RunView, history: list[HistoryEntry], attempts: list[Attem
     return "\n".join(lines)
 
 
+WAIT_KINDS = ("task_scheduled", "child_started", "timer_started", "event_awaited")
+
+
 def waiting_steps(history: list[HistoryEntry]) -> list[HistoryEntry]:
-    """Return the scheduled steps that the workflow waits for and that have no result yet."""
-    finished = {entry.step for entry in history if entry.kind in ("task_completed", "task_failed")}
+    """Return the steps that the workflow waits for and that have no result yet.
+
+    A command of a wait.first() whose race another command already won is not waited for.
+    """
+    finished = {entry.step for entry in history if entry.kind in RESULT_KINDS}
+    decided_races = {
+        entry.decision
+        for entry in history
+        if entry.kind in WAIT_KINDS and entry.grouping == "first" and entry.step in finished
+    }
     return [
-        entry for entry in history if entry.kind == "task_scheduled" and entry.step not in finished
+        entry
+        for entry in history
+        if entry.kind in WAIT_KINDS
+        and entry.step not in finished
+        and not (entry.grouping == "first" and entry.decision in decided_races)
     ]
+
+
+def _describe_wait(entry: HistoryEntry) -> str:
+    since = format_instant(entry.created_at)
+    if entry.kind == "task_scheduled":
+        return f"step {entry.step} task {entry.name} on queue {entry.queue!r} since {since}"
+    if entry.kind == "child_started":
+        return f"step {entry.step} child workflow {entry.name} since {since}"
+    if entry.kind == "timer_started":
+        return f"step {entry.step} timer until {format_instant(entry.fire_at)}"
+    text = f"step {entry.step} event {_event_names(entry)} since {since}"
+    if entry.fire_at is not None:
+        text += f", timeout at {format_instant(entry.fire_at)}"
+    return text
+
+
+def _event_names(entry: HistoryEntry) -> str:
+    return " or ".join(repr(name) for name in (entry.name or "").split(","))
 
 
 def _describe_entry(
@@ -143,6 +187,8 @@ def _describe_entry(
     kind = entry.kind
     step = entry.step
     if kind == "run_started":
+        if entry.name:
+            return f"run started as a child of run {entry.name} (its step {entry.step})"
         return "run started"
     if kind in ("task_scheduled", "task_dispatched"):
         assert step is not None
@@ -151,6 +197,8 @@ def _describe_entry(
         names[step] = entry.name or "?"
         verb = "dispatched" if kind == "task_dispatched" else "scheduled"
         batch = f" (parallel group of {entry.batch})" if entry.batch else ""
+        if entry.grouping == "first":
+            batch = f" (first of {entry.batch})"
         return f"step {step} {verb:<10} {call} on queue {entry.queue!r}{batch}"
     if kind in ("task_completed", "task_failed"):
         assert step is not None
@@ -163,15 +211,65 @@ def _describe_entry(
             f"step {step} failed     {names.get(step, entry.name)}: "
             f"{error.get('type')}: {error.get('message')}{suffix}"
         )
+    described = _describe_wait_entry(entry, names)
+    if described is not None:
+        return described
     if kind == "result_ignored":
         reason = (load_json(entry.error) or {}).get("reason", "")
-        return f"step {step} duplicate result ignored (attempt {entry.attempt}): {reason}"
+        return f"step {step} result ignored (attempt {entry.attempt}): {reason}"
+    if kind in ("run_paused", "run_resumed", "run_killed"):
+        control = load_json(entry.error) or {}
+        text = f"run {kind.removeprefix('run_')} by {control.get('by') or 'unknown'}"
+        if control.get("reason"):
+            text += f": {control['reason']}"
+        return text
     if kind == "run_completed":
         return f"run completed -> {format_value(_decode(entry.payload), 120)}"
     if kind == "run_failed":
         error = load_json(entry.error) or {}
         return f"run failed: {error.get('type')}: {error.get('message')}"
     return kind
+
+
+def _describe_wait_entry(entry: HistoryEntry, names: dict[int, str]) -> str | None:
+    """Describe the history entries of child workflows, timers and events."""
+    kind, step = entry.kind, entry.step
+    first = f" (first of {entry.batch})" if entry.grouping == "first" else ""
+    if kind in ("child_started", "child_dispatched"):
+        args, kwargs, *_ = _decode(entry.payload, default=[[], {}, None])
+        names[step or 0] = f"workflow {entry.name}"
+        verb = "dispatched" if kind == "child_dispatched" else "started"
+        call = describe_call(entry.name or "?", args, kwargs)
+        return f"step {step} {verb:<10} child workflow {call}{first}"
+    if kind == "child_completed":
+        value = format_value(_decode(entry.payload), 120)
+        return f"step {step} completed  child workflow {entry.name} -> {value}"
+    if kind == "child_failed":
+        error = load_json(entry.error) or {}
+        return f"step {step} failed     child workflow {entry.name}: {error.get('message')}"
+    if kind == "timer_started":
+        rule = _decode(entry.payload, default={})
+        text = describe_rule(rule) if isinstance(rule, dict) and "kind" in rule else "timer"
+        return f"step {step} timer set  {text}, fires at {format_instant(entry.fire_at)}{first}"
+    if kind == "timer_fired":
+        return f"step {step} timer fired"
+    if kind == "event_awaited":
+        text = f"step {step} waiting    for event {_event_names(entry)}"
+        if entry.fire_at is not None:
+            text += f", timeout at {format_instant(entry.fire_at)}"
+        return text + first
+    if kind == "event_received":
+        data = format_value(_decode(entry.payload), 120)
+        return f"event {entry.name!r} received: {data}"
+    if kind == "event_handled":
+        return f"event {entry.name!r} given to on_event"
+    if kind == "event_delivered":
+        return f"step {step} event {entry.name!r} delivered to the wait"
+    if kind == "event_timed_out":
+        return f"step {step} event wait timed out"
+    if kind == "wait_cancelled":
+        return f"step {step} wait cancelled: another command of the race finished first"
+    return None
 
 
 def _attempt_summary(attempt: Attempt | None) -> str:
@@ -218,6 +316,8 @@ def run_document(
                 "value": _decode(entry.payload),
                 "error": load_json(entry.error),
                 "at": entry.created_at,
+                "grouping": entry.grouping,
+                "fire_at": entry.fire_at,
             }
             for entry in history
         ],

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
-from zenflow.commands import TaskCall
+from zenflow.commands import EventWait, FirstOf, TaskCall, Timer
 from zenflow.errors import DefinitionError
 from zenflow.task import Task, TaskFunction, validate_name, validate_queue_name
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
+# What one yield waits for: a single command, every command of a list, or the first of a
+# wait.first(...) to finish.
+Grouping = Literal["single", "all", "first"]
+Command = TaskCall | WorkflowCall | Timer | EventWait
 
-def to_commands(yielded: Any, workflow: str) -> tuple[list[TaskCall], bool]:
-    """Return the task calls of one ``yield`` and whether it yielded a list.
+
+def to_commands(yielded: Any, workflow: str) -> tuple[list[Command], Grouping]:
+    """Return the commands of one ``yield`` and how the workflow waits for them.
 
     Raises:
         DefinitionError: the value is not a command; the message names it and, for a
@@ -23,14 +28,24 @@ def to_commands(yielded: Any, workflow: str) -> tuple[list[TaskCall], bool]:
             _to_call(item, workflow, f"item {index} of the yielded list")
             for index, item in enumerate(yielded)
         ]
-        return calls, True
-    return [_to_call(yielded, workflow, "the yielded value")], False
+        return calls, "all"
+    if isinstance(yielded, FirstOf):
+        calls = [
+            _to_call(item, workflow, f"item {index} of wait.first()")
+            for index, item in enumerate(yielded.commands)
+        ]
+        return calls, "first"
+    return [_to_call(yielded, workflow, "the yielded value")], "single"
 
 
-def _to_call(value: Any, workflow: str, where: str) -> TaskCall:
+def _to_call(value: Any, workflow: str, where: str) -> Command:
     if isinstance(value, TaskCall):
         return _checked(value, workflow, where)
     if isinstance(value, Task):
+        return value.to_call()
+    if isinstance(value, Timer | EventWait | WorkflowCall):
+        return value
+    if isinstance(value, Workflow):
         return value.to_call()
     raise DefinitionError(explain_not_a_command(value, workflow, where))
 
@@ -74,16 +89,19 @@ def explain_not_a_command(value: Any, workflow: str, where: str) -> str:
             f"workflow {workflow}: {where} is the task class {value.__name__}; yield an "
             f"instance: `yield {value.__name__}(...)`"
         )
-    if isinstance(value, Workflow | WorkflowCall | WorkflowFunction):
-        # NOTE: child workflows need their own command kind; until then they are rejected.
+    if isinstance(value, WorkflowFunction):
         return (
-            f"workflow {workflow}: {where} is a workflow ({shown}); child workflows are not "
-            "supported yet, so start it from a task or restructure it as a helper generator "
-            "used with `yield from`"
+            f"workflow {workflow}: {where} is the workflow function {value.workflow_name} "
+            f"itself; call it with its arguments: `yield {value.workflow_name}(...)`"
+        )
+    if isinstance(value, FirstOf):
+        return (
+            f"workflow {workflow}: {where} is a wait.first(); yield it on its own, not inside "
+            "a list or another wait.first()"
         )
     return (
         f"workflow {workflow}: {where} is {shown} of type {kind}, which is not a command; "
-        "yield a task, a list of tasks, or task.dispatch()"
+        "yield a task, a child workflow, a wait, a list of them, or wait.first(...)"
     )
 
 

@@ -16,36 +16,43 @@ and their outcomes, and its revision proves they match the database.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy.exc import IntegrityError
 
+from engine import steps
 from engine.cache import ExecutionCache
-from engine.replay import Execution, History, Outcome, Progress, Step, error_dict
-from engine.store.models import RESULT_KINDS, HistoryEntry, OutboxMessage
+from engine.replay import Execution, History, Progress, Step, child_run_id, error_dict
+from engine.store import waits
+from engine.store.models import OutboxMessage
 from engine.store.queries import dump_json, find_run, view_run
 from engine.writer import OutgoingMessage, RunState, Sql, StaleRun, Writer, delete_outbox
 from zenflow import protocol, serializer
 from zenflow.context import RunContext
-from zenflow.errors import DefinitionError
+from zenflow.errors import DefinitionError, ZenflowError
 from zenflow.registry import Registry, WorkflowDefinition
 
 log = structlog.get_logger("engine")
 
-SCHEDULED_KINDS = ("task_scheduled", "task_dispatched")
-
-HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
 OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+class RequestError(ZenflowError):
+    """A request that the engine cannot carry out, with a code for the error reply."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
 
 
 @dataclasses.dataclass
@@ -57,6 +64,8 @@ class Effects:
     run_id: str | None = None
     duplicate: bool = False
     ignored: str | None = None  # why a result changed nothing, if it did not
+    existing: bool = False  # a start returned the active run that has its business id
+    reply: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of an ok reply
 
 
 class Processor:
@@ -70,15 +79,22 @@ class Processor:
         topology: protocol.Topology,
         *,
         lock_rows: bool,
+        clock_offset: float = 0.0,
     ) -> None:
         self.database = database
         self.registry = registry
         self.cache = cache
         self.topology = topology
         self.lock_rows = lock_rows
+        # Added to the clock of every transaction, so that tests can move time forward.
+        self.clock_offset = dt.timedelta(seconds=clock_offset)
         self.sql = Sql(database.dialect.name)
         self._confirmed: list[str] = []  # outbox ids confirmed by RabbitMQ, not yet deleted
         self._confirmed_lock = threading.Lock()
+
+    def now(self) -> dt.datetime:
+        """Return the engine's current time: the system clock plus ``clock_offset``."""
+        return dt.datetime.now(dt.UTC) + self.clock_offset
 
     # Starting runs.
 
@@ -91,10 +107,11 @@ class Processor:
         try:
             return self._start_run(request, run_id)
         except IntegrityError:
-            # Another engine inserted the same run id between the check and the insert.
-            if self.get_run(run_id, None) is None:
-                raise
-            return Effects(run_id=run_id, duplicate=True)
+            # Another engine inserted the same run id, or a run with the same business id,
+            # between the check and the insert. The second attempt finds that run.
+            if self.get_run(run_id, None) is not None:
+                return Effects(run_id=run_id, duplicate=True)
+            return self._start_run(request, run_id)
 
     def _start_run(self, request: protocol.StartRequest, run_id: str) -> Effects:
         definition = self.registry.workflows[request.workflow]
@@ -103,12 +120,18 @@ class Processor:
             if RunState.load(connection, self.sql, run_id, lock=False) is not None:
                 effects.duplicate = True
                 return effects
-            now = utcnow()
+            now = self.now()
             failure: dict[str, Any] | None = None
             try:
                 business_id = request.business_id or _business_id(definition, request)
             except BaseException as error:  # user code; see Execution._step
                 business_id, failure = None, error_dict(error)
+            if request.parent_run_id is not None:
+                self._check_parent(connection, request, run_id)
+            if business_id is not None:
+                existing = waits.active_run_with_business_id(connection, business_id)
+                if existing is not None:
+                    return _business_id_taken(request, business_id, *existing)
             run = RunState(
                 id=run_id,
                 workflow=request.workflow,
@@ -122,16 +145,25 @@ class Processor:
                 created_at=now,
                 updated_at=now,
                 finished_at=None,
+                parent_id=request.parent_run_id,
+                parent_step=request.parent_step,
             )
             writer = Writer(connection, self.sql, run, now, new=True)
-            writer.append("run_started", payload=run.input)
+            writer.append(
+                "run_started",
+                payload=run.input,
+                name=request.parent_run_id,
+                step=request.parent_step,
+            )
             execution: Execution | None = None
             if failure is not None:
                 self._fail(writer, failure)
-                effects.finished = view_run(run).to_dict()
+                self._finished(writer, effects)
             else:
                 context = RunContext(run_id, request.workflow, business_id)
-                execution = Execution(definition, context, request.args, request.kwargs)
+                execution = Execution(
+                    definition, context, request.args, request.kwargs, started_at=now
+                )
                 self._apply(writer, execution, execution.advance(), effects)
             effects.outbox = writer.flush()
         self._keep(run, execution, effects)
@@ -173,20 +205,29 @@ class Processor:
                 effects.ignored = f"run {run.id} has no step {result.step}"
                 return effects
 
-            writer = Writer(connection, self.sql, run, utcnow(), new=False)
-            _add_attempt(writer, result, step)
-            if step.outcome is not None:
-                effects.duplicate = True
+            if step.kind not in ("task", "child"):
+                effects.ignored = f"step {result.step} of run {run.id} is a {step.kind}"
+                return effects
+            writer = Writer(connection, self.sql, run, self.now(), new=False)
+            if step.kind == "task":
+                steps.add_attempt(writer, result, step)
+            if step.outcome is not None or run.status == "killed":
+                reason = "the step already has a result"
+                if step.outcome is None:
+                    reason = "the run was killed"
+                    effects.ignored = reason
+                else:
+                    effects.duplicate = True
                 writer.append(
                     "result_ignored",
                     step=result.step,
                     name=step.name,
                     attempt=result.attempt,
-                    error=dump_json({"reason": "the step already has a result"}),
+                    error=dump_json({"reason": reason}),
                 )
                 return self._finish_transaction(writer, execution, effects)
 
-            _add_outcome(writer, result, step)
+            steps.add_outcome(writer, result, step)
             if step.mode == "dispatch":
                 # Recorded for the timeline; the workflow does not wait for it.
                 return self._finish_transaction(writer, execution, effects)
@@ -194,15 +235,291 @@ class Processor:
                 effects.ignored = f"recorded, but the run is {run.status} and does not advance"
                 return self._finish_transaction(writer, execution, effects)
 
-            if execution is None:
-                execution = self._rebuild(writer, history, effects)
-                if execution is None:
-                    effects.outbox = writer.flush()
-                    return effects
-            self._apply(writer, execution, execution.advance(), effects)
+            execution = self._advance(writer, execution, history, effects)
             effects.outbox = writer.flush()
         self._keep(run, execution, effects)
         return effects
+
+    def fail_child_start(self, request: protocol.StartRequest, reason: str) -> Effects:
+        """Fail the parent's child step when the child's start request was rejected.
+
+        The request must name a child step of the parent that starts this workflow under
+        this run id and has no result yet, so a forged start cannot fail another run's step.
+        """
+        parent_id, step = request.parent_run_id, request.parent_step
+        assert parent_id is not None and step is not None
+        effects = Effects(run_id=parent_id)
+        with self.database.connect() as connection:
+            found = self._load_run(connection, parent_id)
+        if found is None:
+            effects.ignored = f"the parent run {parent_id} does not exist"
+            return effects
+        target = found[2].steps.get(step)
+        expected = child_run_id(parent_id, step)
+        if (
+            target is None
+            or target.kind != "child"
+            or target.name != request.workflow
+            or request.run_id != expected
+        ):
+            effects.ignored = f"run {parent_id} has no child step {step} for this start"
+            return effects
+        failure = protocol.TaskResult(
+            run_id=parent_id,
+            step=step,
+            attempt=1,
+            ok=False,
+            error={
+                "type": "ChildNotStarted",
+                "message": f"child workflow {request.workflow} did not start: {reason}",
+                "traceback": "",
+            },
+            agent=f"child run {expected}",
+        )
+        return self.record_result(failure)
+
+    # Timers, events and run control.
+
+    def fire_timer(self, timer: waits.DueTimer) -> Effects:
+        """Fire a due timer: resolve its step and advance the run, once across engines."""
+        effects = Effects(run_id=timer.run_id)
+        with self._discarding_on_error(timer.run_id), self.database.begin() as connection:
+            found = self._load_run(connection, timer.run_id)
+            if not waits.claim_timer(connection, timer.id):
+                effects.ignored = "the timer was fired or cancelled meanwhile"
+                return effects
+            if found is None or not found[0].active:
+                effects.ignored = "the run has finished"
+                return effects
+            run, execution, history = found
+            step = history.steps.get(timer.step)
+            if step is None or step.outcome is not None:
+                effects.ignored = f"step {timer.step} already has a result"
+                return effects
+            writer = Writer(connection, self.sql, run, self.now(), new=False)
+            steps.fire_timer(writer, step)
+            execution = self._advance(writer, execution, history, effects)
+            effects.outbox = writer.flush()
+        self._keep(run, execution, effects)
+        return effects
+
+    def due_timers(self, limit: int = 200) -> list[waits.DueTimer]:
+        with self.database.connect() as connection:
+            return waits.due_timers(connection, self.now(), limit)
+
+    def send_event(self, request: protocol.EventRequest, message_id: str | None) -> Effects:
+        """Record an event and give it to the run's first wait for its name, if any.
+
+        Without such a wait the event is kept, in order, for the next wait for its name.
+
+        Raises:
+            RequestError: the run does not exist or has finished.
+        """
+        try:
+            payload = serializer.encode(request.data, name="data")
+        except ZenflowError as error:
+            raise RequestError("invalid_field", str(error), "data") from None
+        with self.database.begin() as connection:
+            run_id = self._resolve(connection, request.target)
+        with self._discarding_on_error(run_id), self.database.begin() as connection:
+            found = self._load_run(connection, run_id)
+            assert found is not None
+            run, execution, history = found
+            effects = Effects(run_id=run.id, reply={"run_id": run.id})
+            _require_active(run, "send an event to")
+            if message_id is not None and waits.event_seen(connection, run.id, message_id):
+                effects.duplicate = True
+                return effects
+            writer = Writer(connection, self.sql, run, self.now(), new=False)
+            writer.append("event_received", name=request.name, payload=payload)
+            target = _first_wait_for(history, request.name)
+            handled = (
+                target is None and run.status == "running" and self._handles_events(run.workflow)
+            )
+            waits.add_event(
+                connection,
+                run_id=run.id,
+                name=request.name,
+                payload=payload,
+                message_id=message_id,
+                received_at=writer.now,
+                step=None if target is None else target.step,
+                status="handled" if handled else None,
+            )
+            effects.reply["delivered"] = target is not None
+            effects.reply["handled"] = handled
+            if target is not None:
+                steps.deliver_event(writer, target, request.name, payload, writer.now)
+            elif handled:
+                steps.hand_to_handler(writer, history, request.name, payload)
+            if target is not None or handled:
+                execution = self._advance(writer, execution, history, effects)
+            effects.outbox = writer.flush()
+        self._keep(run, execution, effects)
+        return effects
+
+    def control(self, request: protocol.ControlRequest) -> Effects:
+        """Kill, pause or resume a run.
+
+        Raises:
+            RequestError: the run does not exist, has finished, or is already in the
+                requested state.
+        """
+        with self.database.begin() as connection:
+            run_id = self._resolve(connection, request.target)
+        with self._discarding_on_error(run_id), self.database.begin() as connection:
+            found = self._load_run(connection, run_id)
+            assert found is not None
+            run, execution, history = found
+            _require_active(run, request.action)
+            writer = Writer(connection, self.sql, run, self.now(), new=False)
+            effects = Effects(run_id=run.id)
+            control = {"by": request.by, "reason": request.reason}
+            if request.action == "kill":
+                self._kill(writer, control, effects)
+                if execution is not None:
+                    execution.close()
+                execution = None
+            elif request.action == "pause":
+                if run.status == "paused":
+                    raise RequestError("invalid_state", f"run {run.id} is already paused")
+                run.status = "paused"
+                writer.append("run_paused", error=dump_json(control))
+            else:
+                if run.status != "paused":
+                    raise RequestError("invalid_state", f"run {run.id} is not paused")
+                run.status = "running"
+                writer.append("run_resumed", error=dump_json(control))
+                if self._handles_events(run.workflow):
+                    # Events that no wait took while the run was paused go to on_event now.
+                    for event in waits.pending_events(connection, run.id):
+                        waits.mark_delivered(connection, event_id=event.id, step=None)
+                        steps.hand_to_handler(writer, history, event.name, event.payload)
+                execution = self._advance(writer, execution, history, effects)
+            effects.reply = {"run_id": run.id, "status": run.status}
+            effects.outbox = writer.flush()
+        self._keep(run, execution, effects)
+        return effects
+
+    def _kill(self, writer: Writer, control: dict[str, Any], effects: Effects) -> None:
+        """End a run as killed, cancel its timers and kill its active children."""
+        run = writer.run
+        by = control["by"] or "unknown"
+        message = f"killed by {by}"
+        if control["reason"]:
+            message += f": {control['reason']}"
+        run.status = "killed"
+        run.finished_at = writer.now
+        run.waiting_for = None
+        run.error = dump_json({"type": "Killed", "message": message, **control})
+        writer.append("run_killed", error=dump_json(control))
+        for child_id in waits.active_children(writer.connection, run.id):
+            kill = protocol.ControlRequest(
+                "kill",
+                protocol.RunTarget(run_id=child_id),
+                by=f"parent run {run.id}",
+                reason=control["reason"],
+            )
+            writer.add_message(
+                f"kill:{child_id}",
+                self.topology.requests_queue,
+                serializer.encode(kill.to_body()),
+                {"message_id": f"kill:{child_id}", "content_type": protocol.MSGPACK_CONTENT_TYPE},
+            )
+        self._finished(writer, effects)
+
+    # Transactions.
+
+    @contextlib.contextmanager
+    def _discarding_on_error(self, run_id: str | None) -> Iterator[None]:
+        """Drop the run's cached execution if the transaction fails: it may be ahead."""
+        try:
+            yield
+        except BaseException:
+            if run_id is not None:
+                self.cache.discard(run_id)
+            raise
+
+    def _check_parent(
+        self, connection: Connection, request: protocol.StartRequest, run_id: str
+    ) -> None:
+        """Reject a child start whose parent is gone, finished, or did not ask for it.
+
+        The parent's row is locked, so a kill of the parent either finds this child among its
+        active children or makes this start fail.
+        """
+        assert request.parent_run_id is not None and request.parent_step is not None
+        parent = RunState.load(connection, self.sql, request.parent_run_id, lock=self.lock_rows)
+        expected = child_run_id(request.parent_run_id, request.parent_step)
+        if parent is None or run_id != expected:
+            raise RequestError(
+                "invalid_parent",
+                f"run {request.parent_run_id} did not start a child run {run_id} at step "
+                f"{request.parent_step}",
+                "parent_run_id",
+            )
+        if not parent.active:
+            raise RequestError(
+                "parent_finished",
+                f"the parent run {parent.id} is {parent.status}, so its child does not start",
+                "parent_run_id",
+            )
+
+    def _handles_events(self, workflow: str) -> bool:
+        definition = self.registry.workflows.get(workflow)
+        return definition is not None and callable(getattr(definition.target, "on_event", None))
+
+    def resolve(self, target: protocol.RunTarget) -> str:
+        """Return the id of the run that ``target`` names.
+
+        Raises:
+            RequestError: no run has that id or business id.
+        """
+        with self.database.connect() as connection:
+            return self._resolve(connection, target)
+
+    def _resolve(self, connection: Connection, target: protocol.RunTarget) -> str:
+        if target.run_id is not None:
+            run_id = target.run_id if self._exists(connection, target.run_id) else None
+        elif target.business_id is not None:
+            run_id = waits.run_with_business_id(connection, target.business_id)
+        else:
+            run_id = waits.resolve_run_id(connection, target.text)
+        if run_id is None:
+            raise RequestError(
+                "run_not_found", f"no run has the id or business id {target.text!r}", "run_id"
+            )
+        return run_id
+
+    def _exists(self, connection: Connection, run_id: str) -> bool:
+        return RunState.load(connection, self.sql, run_id, lock=False) is not None
+
+    def _load_run(
+        self, connection: Connection, run_id: str
+    ) -> tuple[RunState, Execution | None, History] | None:
+        """Read and lock the run row; return it with its valid cached execution, or history."""
+        run = RunState.load(connection, self.sql, run_id, lock=self.lock_rows)
+        if run is None:
+            return None
+        execution = self.cache.get(run_id)
+        if execution is not None and execution.revision == run.revision:
+            return run, execution, execution.history
+        self.cache.discard(run_id)
+        return run, None, steps.load_history(connection, run_id)
+
+    def _advance(
+        self, writer: Writer, execution: Execution | None, history: History, effects: Effects
+    ) -> Execution | None:
+        """Advance a running workflow after a change to its history."""
+        if writer.run.status != "running":
+            writer.run.waiting_for = steps.waiting_for(history)
+            return execution
+        if execution is None:
+            execution = self._rebuild(writer, history, effects)
+            if execution is None:
+                return None
+        self._apply(writer, execution, execution.advance(), effects)
+        return execution
 
     def _run_for_result(
         self, connection: Connection, result: protocol.TaskResult, *, trust_cache: bool
@@ -215,13 +532,7 @@ class Processor:
         execution = self.cache.get(result.run_id)
         if trust_cache and execution is not None and execution.run_state is not None:
             return dataclasses.replace(execution.run_state), execution, execution.history
-        run = RunState.load(connection, self.sql, result.run_id, lock=self.lock_rows)
-        if run is None:
-            return None
-        if execution is not None and execution.revision == run.revision:
-            return run, execution, execution.history
-        self.cache.discard(run.id)
-        return run, None, _load_history(connection, run.id)
+        return self._load_run(connection, result.run_id)
 
     def _finish_transaction(
         self, writer: Writer, execution: Execution | None, effects: Effects
@@ -249,11 +560,13 @@ class Processor:
                     ),
                 },
             )
-            effects.finished = view_run(run).to_dict()
+            self._finished(writer, effects)
             return None
         args, kwargs = serializer.decode(run.input)
         context = RunContext(run.id, run.workflow, run.business_id)
-        return Execution(definition, context, tuple(args), kwargs, history)
+        return Execution(
+            definition, context, tuple(args), kwargs, history, started_at=run.created_at
+        )
 
     # Writing progress.
 
@@ -261,8 +574,17 @@ class Processor:
         self, writer: Writer, execution: Execution, progress: Progress, effects: Effects
     ) -> None:
         run = writer.run
-        for step in progress.new_steps:
-            self._schedule(writer, step)
+        while True:
+            for step in progress.new_steps:
+                steps.schedule(writer, step, self.topology)
+            for step in progress.cancelled:
+                steps.cancel_wait(writer, step)
+            if progress.finished is not None:
+                break
+            # Events that arrived before the wait resolve it at once.
+            if not steps.deliver_pending_events(writer, progress.new_steps):
+                break
+            progress = execution.advance()
         run.next_step = execution.next_step
         finished = progress.finished
         if finished is not None:
@@ -274,44 +596,18 @@ class Processor:
             else:
                 assert finished.error is not None
                 self._fail(writer, finished.error)
-            effects.finished = view_run(run).to_dict()
+            self._finished(writer, effects)
+        else:
+            run.waiting_for = steps.waiting_for(execution.history)
         execution.revision = run.revision
 
-    def _schedule(self, writer: Writer, step: Step) -> None:
+    def _finished(self, writer: Writer, effects: Effects) -> None:
+        """Close a run that just ended: cancel its timers and tell its parent."""
         run = writer.run
-        step.scheduled_at = writer.now
-        writer.append(
-            "task_dispatched" if step.mode == "dispatch" else "task_scheduled",
-            step=step.step,
-            decision=step.decision,
-            batch=step.batch,
-            name=step.name,
-            queue=step.queue,
-            attempt=1,
-            payload=step.payload,
-        )
-        args, kwargs = serializer.decode(step.payload)
-        message = protocol.TaskMessage(
-            run_id=run.id,
-            workflow=run.workflow,
-            step=step.step,
-            attempt=1,
-            task=step.name,
-            args=tuple(args),
-            kwargs=kwargs,
-        )
-        writer.add_message(
-            message.correlation_id,
-            self.topology.task_queue(step.queue),
-            serializer.encode(message.to_body()),
-            {
-                "correlation_id": message.correlation_id,
-                "message_id": message.correlation_id,
-                "reply_to": self.topology.results_queue,
-                "type": "task",
-                "content_type": protocol.MSGPACK_CONTENT_TYPE,
-            },
-        )
+        run.waiting_for = None
+        writer.defer(functools.partial(waits.cancel_timers, run_id=run.id))
+        steps.notify_parent(writer, self.topology)
+        effects.finished = view_run(run).to_dict()
 
     def _fail(self, writer: Writer, error: dict[str, Any]) -> None:
         run = writer.run
@@ -325,6 +621,7 @@ class Processor:
         if execution is None or execution.finished is not None or effects.finished is not None:
             self.cache.discard(run.id)
         else:
+            execution.revision = run.revision
             execution.run_state = dataclasses.replace(run)
             self.cache.put(run.id, execution)
 
@@ -379,14 +676,16 @@ class Processor:
         self.cache.discard(run_id)
         with self.database.begin() as connection:
             run = RunState.load(connection, self.sql, run_id, lock=self.lock_rows)
-            if run is None or run.status != "running":
+            if run is None or not run.active:
                 return None
-            writer = Writer(connection, self.sql, run, utcnow(), new=False)
+            writer = Writer(connection, self.sql, run, self.now(), new=False)
             details = error_dict(error)
             details["type"] = f"EngineError: {details['type']}"
             self._fail(writer, details)
+            effects = Effects(run_id=run_id)
+            self._finished(writer, effects)
             writer.flush()
-            return view_run(run).to_dict()
+            return effects.finished
 
     def get_run(self, run_id: str | None, business_id: str | None) -> dict[str, Any] | None:
         from sqlalchemy.orm import Session
@@ -394,82 +693,6 @@ class Processor:
         with Session(self.database) as session:
             run = find_run(session, run_id, business_id=business_id)
             return None if run is None else view_run(run).to_dict()
-
-
-def _add_attempt(writer: Writer, result: protocol.TaskResult, step: Step) -> None:
-    """Record the attempt that produced ``result``, once per step and attempt number."""
-    writer.add_attempt(
-        step=result.step,
-        attempt=result.attempt,
-        task=step.name,
-        queue=step.queue,
-        status="completed" if result.ok else "failed",
-        agent=result.agent[:255] or None,
-        queued_at=step.scheduled_at or writer.now,
-        started_at=_from_epoch(result.started_at),
-        finished_at=_from_epoch(result.finished_at) or writer.now,
-        error=dump_json(result.error),
-    )
-
-
-def _add_outcome(writer: Writer, result: protocol.TaskResult, step: Step) -> None:
-    """Record the step's result in history and in the step, which the workflow reads."""
-    if result.ok:
-        step.outcome = Outcome(True, value=result.value)
-        payload = serializer.encode(result.value, name="value")
-    else:
-        step.outcome = Outcome(False, error=result.error)
-        payload = None
-    writer.append(
-        "task_completed" if result.ok else "task_failed",
-        step=result.step,
-        name=step.name,
-        queue=step.queue,
-        attempt=result.attempt,
-        payload=payload,
-        error=dump_json(result.error) if not result.ok else None,
-    )
-
-
-def _load_history(connection: Connection, run_id: str) -> History:
-    """Read a run's steps and their outcomes, for replay or to check a late result."""
-    rows = connection.execute(
-        select(
-            HISTORY.c.kind,
-            HISTORY.c.step,
-            HISTORY.c.decision,
-            HISTORY.c.batch,
-            HISTORY.c.name,
-            HISTORY.c.queue,
-            HISTORY.c.payload,
-            HISTORY.c.error,
-            HISTORY.c.created_at,
-        )
-        .where(HISTORY.c.run_id == run_id, HISTORY.c.kind.in_(SCHEDULED_KINDS + RESULT_KINDS))
-        .order_by(HISTORY.c.seq)
-    )
-    history = History()
-    for kind, step, decision, batch, name, queue, payload, error, created_at in rows:
-        if kind in SCHEDULED_KINDS:
-            history.add(
-                Step(
-                    step=step,
-                    decision=decision or 0,
-                    mode="dispatch" if kind == "task_dispatched" else "execute",
-                    name=name or "",
-                    queue=queue or "",
-                    payload=payload or b"",
-                    batch=batch,
-                    scheduled_at=created_at,
-                )
-            )
-        elif step in history.steps:
-            if kind == "task_completed":
-                value = serializer.decode(payload) if payload else None
-                history.steps[step].outcome = Outcome(True, value=value)
-            else:
-                history.steps[step].outcome = Outcome(False, error=json.loads(error or "{}"))
-    return history
 
 
 def _business_id(definition: WorkflowDefinition, request: protocol.StartRequest) -> str | None:
@@ -489,10 +712,55 @@ def _business_id(definition: WorkflowDefinition, request: protocol.StartRequest)
     return str(business_id)
 
 
-def _from_epoch(value: float | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    try:
-        return dt.datetime.fromtimestamp(value, dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
+def _business_id_taken(
+    request: protocol.StartRequest, business_id: str, run_id: str, status: str
+) -> Effects:
+    """Apply the start's policy when an active run already has the business id."""
+    if request.if_running == "return_existing":
+        return Effects(run_id=run_id, existing=True)
+    raise RequestError(
+        "business_id_in_use",
+        f"business id {business_id!r} belongs to run {run_id}, which is {status}: wait until "
+        "it finishes, kill it, or start with if_running='return_existing' to get its run id",
+        "business_id",
+    )
+
+
+def _require_active(run: RunState, action: str) -> None:
+    if not run.active:
+        raise RequestError(
+            "run_finished",
+            f"cannot {action} run {run.id}: it is {run.status}, so nothing changed",
+            "run_id",
+        )
+
+
+def _first_wait_for(history: History, name: str) -> Step | None:
+    """Return the earliest unresolved event wait that accepts the event ``name``.
+
+    Only the decision the workflow waits at can have unresolved waits: earlier waits were
+    resolved or cancelled before the workflow moved on.
+    """
+    waiting = [
+        step
+        for step in history.steps.values()
+        if step.kind == "event"
+        and step.outcome is None
+        and name in step.event_names
+        and not _race_decided(history, step)
+    ]
+    return min(waiting, key=lambda step: step.step, default=None)
+
+
+def _race_decided(history: History, step: Step) -> bool:
+    """Whether another command of the step's wait.first() already finished.
+
+    While a run is paused, a race can be decided without the workflow resuming. Its losing
+    waits are then not cancelled yet, and they must not take events.
+    """
+    if not step.first:
+        return False
+    return any(
+        other.outcome is not None and not other.outcome.cancelled
+        for other in history.steps_of(step.decision)
+    )

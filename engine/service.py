@@ -37,7 +37,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from engine.cache import ExecutionCache
-from engine.processor import Effects, Processor
+from engine.processor import Effects, Processor, RequestError
 from engine.store.database import (
     check_schema,
     create_database_engine,
@@ -58,6 +58,15 @@ T = TypeVar("T")
 OUTBOX_FLUSH_INTERVAL = 0.1
 OUTBOX_SWEEP_INTERVAL = 5.0
 OUTBOX_SWEEP_MIN_AGE = 10.0
+# An event or a control request can overtake the start of its run, because the engine
+# handles requests concurrently. Such a request naming an unknown run is requeued for this
+# many seconds before the engine replies that the run was not found.
+UNKNOWN_RUN_GRACE = 2.0
+UNKNOWN_RUN_RETRY_DELAY = 0.1
+
+# Seconds between polls for due timers while none is due; it bounds how late a timer fires
+# on an idle engine.
+TIMER_POLL_INTERVAL = 0.2
 
 # Database errors that pass: a lost connection, a locked SQLite file, a full pool. A message
 # whose handling hit one is delivered again later. Any other database error (a value the
@@ -80,6 +89,7 @@ class EngineOptions:
     prefetch: int = 200
     workers: int | None = None  # database threads; default 1 on SQLite, 4 on PostgreSQL
     shutdown_timeout: float = 30.0
+    clock_offset: float = 0.0  # seconds added to the engine's clock, for tests of timers
 
 
 class EngineService:
@@ -93,6 +103,7 @@ class EngineService:
         self._publishing_outbox: set[str] = set()
         self._declared_queues: set[str] = set()
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._unknown_runs: dict[str, float] = {}  # message id: first not found
         self._lock_file: IO[str] | None = None
         self.stats = {"runs_started": 0, "results": 0, "duplicates": 0, "rejected": 0}
 
@@ -123,6 +134,7 @@ class EngineService:
             self.cache,
             self.topology,
             lock_rows=not is_sqlite,
+            clock_offset=self.options.clock_offset,
         )
 
     def _lock_sqlite(self, database: str) -> None:
@@ -193,6 +205,7 @@ class EngineService:
             background = [
                 asyncio.create_task(self._flush_outbox_forever()),
                 asyncio.create_task(self._sweep_outbox_forever()),
+                asyncio.create_task(self._fire_timers_forever()),
             ]
             await stop.wait()
 
@@ -233,6 +246,7 @@ class EngineService:
 
     async def _on_request(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         with structlog.contextvars.bound_contextvars(message_id=message.message_id):
+            request: protocol.Request | None = None
             try:
                 body = protocol.decode_body(
                     message.body, message.content_type, self.options.max_request_bytes
@@ -240,9 +254,20 @@ class EngineService:
                 request = protocol.parse_request(body)
                 if isinstance(request, protocol.StartRequest):
                     await self._start(message, request)
-                else:
+                elif isinstance(request, protocol.GetRunRequest):
                     await self._get_run(message, request)
-            except protocol.InvalidMessage as error:
+                elif isinstance(request, protocol.EventRequest):
+                    await self._send_event(message, request)
+                else:
+                    await self._control(message, request)
+            except (protocol.InvalidMessage, RequestError) as error:
+                about_run = isinstance(request, protocol.EventRequest | protocol.ControlRequest)
+                if error.code == "run_not_found" and about_run and self._retry_unknown_run(message):
+                    # Sent again shortly: the run's start may still be in progress.
+                    await asyncio.sleep(UNKNOWN_RUN_RETRY_DELAY)
+                    with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                        await message.nack(requeue=True)
+                    return
                 self.stats["rejected"] += 1
                 log.warning(
                     "request_rejected",
@@ -251,7 +276,22 @@ class EngineService:
                     field=error.field,
                     reply_to=message.reply_to,
                 )
-                await self._reply(message, {"ok": False, "error": error.to_error()})
+                if isinstance(request, protocol.StartRequest) and request.parent_run_id:
+                    try:
+                        await self._report_child_failure(request, error)
+                    except TRANSIENT_ERRORS as database_error:
+                        await self._retry_later(message, database_error)
+                        return
+                    except Exception as report_error:
+                        log.error(
+                            "child_failure_not_recorded",
+                            error=_aio.describe(report_error),
+                            exc_info=True,
+                        )
+                error_body = {"code": error.code, "message": str(error)}
+                if error.field is not None:
+                    error_body["field"] = error.field
+                await self._reply(message, {"ok": False, "error": error_body})
             except TRANSIENT_ERRORS as error:
                 await self._retry_later(message, error)
                 return
@@ -289,15 +329,122 @@ class EngineService:
         with structlog.contextvars.bound_contextvars(run_id=run_id, workflow=request.workflow):
             async with self._run_lock(run_id):
                 effects = await self._in_thread(self.processor.start_run, request, run_id)
+            if effects.existing:
+                log.info("start_returned_existing_run", existing_run_id=effects.run_id)
+                await self._reply(message, {"ok": True, "run_id": effects.run_id, "existing": True})
+                return
             if effects.duplicate:
                 log.info("start_duplicate_ignored")
             else:
                 self.stats["runs_started"] += 1
-                log.info("run_started", business_id=request.business_id)
+                log.info(
+                    "run_started",
+                    business_id=request.business_id,
+                    parent_run_id=request.parent_run_id,
+                )
             await self._publish_effects(effects)
             await self._reply(
                 message, {"ok": True, "run_id": run_id, "duplicate": effects.duplicate}
             )
+
+    async def _report_child_failure(
+        self, request: protocol.StartRequest, error: protocol.InvalidMessage | RequestError
+    ) -> None:
+        """Fail the parent's step when its child run cannot start."""
+        async with self._run_lock(request.parent_run_id or ""):
+            effects = await self._in_thread(
+                self.processor.fail_child_start, request, f"{error.code}: {error}"
+            )
+        if effects.ignored is not None:
+            log.warning("child_failure_ignored", reason=effects.ignored)
+        await self._publish_effects(effects)
+
+    async def _send_event(
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.EventRequest
+    ) -> None:
+        run_id = await self._in_thread(self.processor.resolve, request.target)
+        target = protocol.RunTarget(run_id=run_id)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, event=request.name):
+            async with self._run_lock(run_id):
+                effects = await self._in_thread(
+                    self.processor.send_event,
+                    dataclasses.replace(request, target=target),
+                    message.message_id,
+                )
+            if effects.duplicate:
+                log.info("event_duplicate_ignored")
+            else:
+                log.info("event_received", delivered=effects.reply.get("delivered"))
+            await self._publish_effects(effects)
+            await self._reply(message, {"ok": True, **effects.reply})
+
+    async def _control(
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.ControlRequest
+    ) -> None:
+        run_id = await self._in_thread(self.processor.resolve, request.target)
+        target = protocol.RunTarget(run_id=run_id)
+        with structlog.contextvars.bound_contextvars(run_id=run_id):
+            async with self._run_lock(run_id):
+                effects = await self._in_thread(
+                    self.processor.control, dataclasses.replace(request, target=target)
+                )
+            log.info(f"run_{request.action}_requested", by=request.by, reason=request.reason)
+            await self._publish_effects(effects)
+            await self._reply(message, {"ok": True, **effects.reply})
+
+    def _retry_unknown_run(self, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+        """Return whether to requeue a request that named an unknown run, by message id."""
+        key = message.message_id
+        if not key:
+            return False
+        now = time.monotonic()
+        if len(self._unknown_runs) > 10_000:
+            self._unknown_runs = {
+                seen: since
+                for seen, since in self._unknown_runs.items()
+                if now - since < UNKNOWN_RUN_GRACE
+            }
+        since = self._unknown_runs.setdefault(key, now)
+        if now - since < UNKNOWN_RUN_GRACE:
+            return True
+        del self._unknown_runs[key]
+        return False
+
+    # Timers.
+
+    async def _fire_timers_forever(self) -> None:
+        while True:
+            try:
+                fired = await self._fire_due_timers()
+            except Exception as error:
+                log.warning("timer_poll_failed", error=redact_url(_aio.describe(error)))
+                fired = 0
+            if fired == 0:
+                await asyncio.sleep(TIMER_POLL_INTERVAL)
+
+    async def _fire_due_timers(self) -> int:
+        """Fire the timers that are due; return how many were handled."""
+        timers = await self._in_thread(self.processor.due_timers, 200)
+        for timer in timers:
+            with structlog.contextvars.bound_contextvars(run_id=timer.run_id, step=timer.step):
+                try:
+                    async with self._run_lock(timer.run_id):
+                        effects = await self._in_thread(self.processor.fire_timer, timer)
+                except TRANSIENT_ERRORS:
+                    raise  # the loop logs it and polls again
+                except Exception as error:
+                    # The timer would fail the same way at every poll: fail its run instead,
+                    # which also cancels the timer, so the other timers keep firing.
+                    log.error("timer_failed", error=_aio.describe(error), exc_info=True)
+                    effects = Effects(run_id=timer.run_id)
+                    effects.finished = await self._in_thread(
+                        self.processor.fail_run, timer.run_id, error
+                    )
+                late = (self.processor.now() - timer.fire_at).total_seconds() * 1000
+                if effects.ignored is None:
+                    log.info("timer_fired", late_ms=round(late, 1))
+                await self._publish_effects(effects)
+        return len(timers)
 
     async def _get_run(
         self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.GetRunRequest
@@ -357,6 +504,8 @@ class EngineService:
         if effects.duplicate:
             self.stats["duplicates"] += 1
             log.info("duplicate_result_ignored")
+        elif effects.ignored is not None and effects.ignored.startswith("recorded"):
+            log.info("result_recorded_without_advancing", reason=effects.ignored)
         elif effects.ignored is not None:
             log.warning("result_ignored", reason=effects.ignored)
         elif result.ok:
@@ -413,6 +562,8 @@ class EngineService:
         ):
             if status == "completed":
                 log.info("run_completed")
+            elif status == "killed":
+                log.info("run_killed", reason=(run.get("error") or {}).get("message"))
             else:
                 error = run.get("error") or {}
                 log.info("run_failed", error_type=error.get("type"), error=error.get("message"))
@@ -485,7 +636,8 @@ class EngineService:
 
     async def _sweep_outbox(self) -> None:
         rows = await self._in_thread(self.processor.pending_outbox, 1000, "")
-        cutoff = time.time() - OUTBOX_SWEEP_MIN_AGE
+        # created_at comes from the engine's clock, which --clock-offset may shift.
+        cutoff = self.processor.now().timestamp() - OUTBOX_SWEEP_MIN_AGE
         pending = self.processor.confirmed_outbox() | self._publishing_outbox
         stale = [
             row

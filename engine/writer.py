@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -38,6 +39,9 @@ COLUMNS = (
     "created_at",
     "updated_at",
     "finished_at",
+    "parent_id",
+    "parent_step",
+    "waiting_for",
 )
 HISTORY_COLUMNS = (
     "run_id",
@@ -52,6 +56,8 @@ HISTORY_COLUMNS = (
     "payload",
     "error",
     "created_at",
+    "grouping",
+    "fire_at",
 )
 ATTEMPT_COLUMNS = (
     "run_id",
@@ -76,8 +82,11 @@ CHANGING_COLUMNS = (
     "next_step",
     "updated_at",
     "finished_at",
+    "waiting_for",
 )
-_TIME_COLUMNS = frozenset({"created_at", "updated_at", "finished_at", "queued_at", "started_at"})
+_TIME_COLUMNS = frozenset(
+    {"created_at", "updated_at", "finished_at", "queued_at", "started_at", "fire_at"}
+)
 
 
 def _insert(table: str, columns: tuple[str, ...], suffix: str = "") -> str:
@@ -215,6 +224,13 @@ class RunState:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    parent_id: str | None = None
+    parent_step: int | None = None
+    waiting_for: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("running", "paused")
 
     @classmethod
     def load(cls, connection: Connection, sql: Sql, run_id: str, *, lock: bool) -> RunState | None:
@@ -247,6 +263,11 @@ class Writer:
         self.history: list[dict[str, Any]] = []
         self.attempts: list[dict[str, Any]] = []
         self.outbox: list[OutgoingMessage] = []
+        self.deferred: list[Callable[[Connection], Any]] = []
+
+    def defer(self, statement: Callable[[Connection], Any]) -> None:
+        """Run ``statement`` (timers, events) after the run row is written, in this order."""
+        self.deferred.append(statement)
 
     def append(self, kind: str, **fields: Any) -> None:
         """Add a history entry; its sequence number is the run's next revision."""
@@ -314,8 +335,10 @@ class Writer:
             statements.extend(INSERT_OUTBOX.statements(rows))
         if self._execute(statements) == 0:
             raise StaleRun(f"run {self.run.id} changed since revision {self.expected_revision}")
+        for statement in self.deferred:
+            statement(self.connection)
         self.expected_revision = self.run.revision
-        self.history, self.attempts, self.outbox = [], [], []
+        self.history, self.attempts, self.outbox, self.deferred = [], [], [], []
         return messages
 
     def _execute(self, statements: list[tuple[str, Any]]) -> int:

@@ -20,10 +20,10 @@ from shop import OrderWorkflow
 from zenflow import Client, RunFailed, RunTimeout
 
 ORDERS = [
-    ("A-100", ["book", "pen"], Decimal("42.50")),  # shipped
+    ("A-100", ["book", "pen"], Decimal("42.50")),  # delivered: the carrier's event arrives
     ("A-101", ["lamp"], Decimal("4999.00")),  # card declined: stock released
     ("A-102", ["book", "unobtainium"], Decimal("30.00")),  # packing fails: refunded
-    ("A-103", ["mug", "tea", "spoon"], Decimal("18.20")),  # shipped
+    ("A-103", ["mug", "tea", "spoon"], Decimal("18.20")),  # shipped, no event: reminder
 ]
 
 
@@ -52,6 +52,10 @@ def main() -> int:
             run_id = OrderWorkflow(order_id, items, amount).dispatch(client=client)
             print(f"dispatched order {order_id}: run {run_id}")
             runs.append((order_id, run_id))
+
+        # The carrier's webhook, by business id. The run keeps the event until it waits.
+        client.send_event("order-A-100", "Delivered", {"signed_by": "R. Smith"})
+        print("sent event Delivered to order-A-100")
 
         print()
         failures = 0

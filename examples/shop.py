@@ -1,20 +1,26 @@
 """An order flow: reserve stock, charge the card, pack and send a receipt in parallel.
 
 A declined card releases the stock; an item that cannot be packed refunds the charge and
-releases the stock. Run it with ``scripts/example.sh`` from the repository root.
+releases the stock. A shipped order then waits for the carrier's "Delivered" event, and
+reminds the customer if none came within the delivery window. Run it with
+``scripts/example.sh`` from the repository root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from decimal import Decimal
 
-from zenflow import Task, TaskFailed, Workflow, task
+from zenflow import Task, TaskFailed, Workflow, task, wait
 
 # Amounts above this are declined by the fake payment provider.
 CARD_LIMIT = Decimal("1000.00")
 OUT_OF_STOCK = {"unobtainium"}
+# How long a shipped order waits for the carrier's "Delivered" event; days in a real shop,
+# seconds here so that the example finishes quickly.
+DELIVERY_WINDOW = timedelta(seconds=3)
 
 
 class CardDeclined(Exception):
@@ -82,6 +88,11 @@ def notify_warehouse(order_id: str) -> None:
     time.sleep(0.01)
 
 
+@task
+def remind_customer(order_id: str) -> str:
+    return f"asked the customer of {order_id} whether the parcel arrived"
+
+
 class OrderWorkflow(Workflow):
     def __init__(self, order_id: str, items: list[str], amount: Decimal) -> None:
         self.order_id = order_id
@@ -110,4 +121,8 @@ class OrderWorkflow(Workflow):
             return {"status": "refunded", "reason": problem.error_message, "refund": refund}
 
         yield notify_warehouse(self.order_id).dispatch()
-        return {"status": "shipped", "packed": packed, "receipt": receipt}
+        delivered = yield wait.event("Delivered", timeout=DELIVERY_WINDOW)
+        if delivered is None:
+            reminder = yield remind_customer(self.order_id)
+            return {"status": "shipped", "packed": packed, "delivery": reminder}
+        return {"status": "delivered", "packed": packed, "receipt": receipt, **delivered.data}

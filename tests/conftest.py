@@ -52,3 +52,37 @@ def flows_cluster(
         cluster.start_engine(*(["--cache-size", "0"] if variant == "replay" else []))
         cluster.start_agent()
         yield cluster
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def waits_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, rabbitmq: str
+) -> Iterator[Cluster]:
+    """An engine and an agent running the ``waits`` test app, one set per database.
+
+    The agent runs 8 tasks at a time, so that the parallel steps of the app run at once.
+    """
+    backend = str(request.param)
+    if backend == "postgresql":
+        require_service("PostgreSQL", POSTGRES_ADMIN_URL, 5432)
+    folder: Path = tmp_path_factory.mktemp(f"waits-{backend}")
+    with cluster_of(folder, backend, "waits") as cluster:
+        cluster.start_engine()
+        cluster.start_agent("--concurrency", "8")
+        yield cluster
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def waits_replay_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, rabbitmq: str
+) -> Iterator[Cluster]:
+    """Like ``waits_cluster``, with an engine without a generator cache, so that every step
+    of every run is a replay of its history."""
+    backend = str(request.param)
+    if backend == "postgresql":
+        require_service("PostgreSQL", POSTGRES_ADMIN_URL, 5432)
+    folder: Path = tmp_path_factory.mktemp(f"waits-replay-{backend}")
+    with cluster_of(folder, backend, "waits") as cluster:
+        cluster.start_engine("--cache-size", "0")
+        cluster.start_agent("--concurrency", "8")
+        yield cluster

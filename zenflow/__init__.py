@@ -5,10 +5,11 @@ User code imports everything from here::
     from zenflow import Task, Workflow, task, workflow, Client
 """
 
+from zenflow import wait
 from zenflow.aioclient import AsyncClient
 from zenflow.client import Client, default_client
-from zenflow.commands import TaskCall
-from zenflow.context import current_run, current_task, get_logger
+from zenflow.commands import Event, First, TaskCall
+from zenflow.context import current_run, current_task, get_logger, now, random, uuid4
 from zenflow.errors import (
     ConfigurationError,
     DefinitionError,
@@ -31,6 +32,8 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "DefinitionError",
+    "Event",
+    "First",
     "NonDeterminismError",
     "RequestRejected",
     "RunFailed",
@@ -51,6 +54,10 @@ __all__ = [
     "current_task",
     "default_client",
     "get_logger",
+    "now",
+    "random",
     "task",
+    "uuid4",
+    "wait",
     "workflow",
 ]

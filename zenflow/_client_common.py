@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import getpass
+import socket
 from typing import Any
 
 from zenflow import protocol, serializer
 from zenflow.errors import DefinitionError, RequestRejected, RunFailed, RunNotFound, RunTimeout
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
-FINISHED_STATUSES = frozenset({"completed", "failed"})
+FINISHED_STATUSES = frozenset({"completed", "failed", "killed"})
 
 # Seconds during which wait() treats an unknown run id as a start still in flight: the
 # engine handles requests concurrently, so a query can overtake the start sent before it.
@@ -22,6 +24,7 @@ def build_start(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     business_id: str | None,
+    if_running: str = "reject",
 ) -> tuple[protocol.StartRequest, bytes]:
     """Validate what can be validated locally and return the request and its msgpack body.
 
@@ -54,12 +57,18 @@ def build_start(
         problem = protocol.text_problem(business_id, protocol.MAX_BUSINESS_ID_LENGTH)
         if problem is not None:
             raise DefinitionError(f"invalid business id: it {problem}")
+    if if_running not in protocol.IF_RUNNING_POLICIES:
+        raise DefinitionError(
+            f"invalid if_running {if_running!r}: use one of "
+            f"{', '.join(protocol.IF_RUNNING_POLICIES)}"
+        )
     request = protocol.StartRequest(
         workflow=name,
         args=tuple(args),
         kwargs=dict(kwargs),
         run_id=protocol.new_run_id(),
         business_id=business_id,
+        if_running=if_running,
     )
     body = request.to_body()
     serializer.encode(body["args"], name="args")
@@ -67,11 +76,57 @@ def build_start(
     return request, serializer.encode(body)
 
 
+# Seconds a request waits for the engine's reply when the caller needs the result: control
+# requests, events, and starts with a business id or an if_running policy, whose outcome
+# only the engine knows.
+DEFAULT_REPLY_TIMEOUT = 30.0
+
+
+def start_timeout(request: protocol.StartRequest, reply_timeout: float | None) -> float | None:
+    """Return how long a start waits for the engine's reply, or None to only publish."""
+    needs_answer = request.business_id is not None or request.if_running != "reject"
+    if reply_timeout is None and needs_answer:
+        return DEFAULT_REPLY_TIMEOUT
+    return reply_timeout
+
+
+def run_target(run: str) -> protocol.RunTarget:
+    problem = protocol.text_problem(run, protocol.MAX_BUSINESS_ID_LENGTH)
+    if problem is not None:
+        raise DefinitionError(f"invalid run id or business id: it {problem}")
+    return protocol.RunTarget(run=run)
+
+
+def build_event(run: str, name: str, data: Any) -> bytes:
+    """Validate an event and return its request body.
+
+    Raises:
+        DefinitionError: the run reference or the event name is invalid.
+        SerializationError: ``data`` cannot be encoded; the message names where.
+    """
+    from zenflow.wait import check_event_name
+
+    check_event_name(name)
+    serializer.encode(data, name="data")
+    return serializer.encode(protocol.EventRequest(run_target(run), name, data).to_body())
+
+
+def build_control(action: str, run: str, by: str | None, reason: str | None) -> bytes:
+    """Return the body of a kill, pause or resume request; ``by`` defaults to user@host."""
+    if by is None:
+        by = f"{getpass.getuser()}@{socket.gethostname()}"
+    request = protocol.ControlRequest(action, run_target(run), by=by[:255], reason=reason)
+    if reason is not None and len(reason) > protocol.MAX_REASON_LENGTH:
+        raise DefinitionError(f"reason is longer than {protocol.MAX_REASON_LENGTH} characters")
+    return serializer.encode(request.to_body())
+
+
 PENDING = "pending"  # the status wait() gives a run that the engine has not created yet
 
 REJECTION_HINT = (
-    "the engine may have rejected the start request (unknown workflow or invalid "
-    "arguments): start with reply_timeout=... to get its reason, and check that "
+    "the engine may have rejected the start request (unknown workflow, invalid "
+    "arguments, or a business id that an active run has): start with reply_timeout=... "
+    "to get its reason, and check that "
     "`zenflow engine` runs with the same namespace"
 )
 
@@ -113,6 +168,6 @@ def read_reply(body: bytes) -> dict[str, Any]:
 
 def run_outcome(run: dict[str, Any]) -> Any:
     """Return a finished run's result, or raise RunFailed with its stored error."""
-    if run["status"] == "failed":
+    if run["status"] in ("failed", "killed"):
         raise RunFailed(run["run_id"], run.get("error") or {})
     return run.get("result")

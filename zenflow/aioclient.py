@@ -16,14 +16,18 @@ import aio_pika.abc
 
 from zenflow import _aio, protocol, serializer
 from zenflow._client_common import (
+    DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
     PENDING,
     START_GRACE,
     WorkflowRef,
+    build_control,
+    build_event,
     build_start,
     never_created,
     read_reply,
     run_outcome,
+    start_timeout,
     wait_timed_out,
 )
 from zenflow.config import Settings, redact_url
@@ -113,24 +117,56 @@ class AsyncClient:
         workflow: WorkflowRef,
         *args: Any,
         business_id: str | None = None,
+        if_running: str = "reject",
         reply_timeout: float | None = None,
         **kwargs: Any,
     ) -> str:
         """Start a run and return its run id; see :meth:`zenflow.Client.start`."""
-        request, body = build_start(workflow, args, kwargs, business_id)
+        request, body = build_start(workflow, args, kwargs, business_id, if_running)
         assert request.run_id is not None
         properties: dict[str, Any] = {
             "delivery_mode": aio_pika.DeliveryMode.PERSISTENT,
             "message_id": request.run_id,
         }
-        if reply_timeout is None:
+        timeout = start_timeout(request, reply_timeout)
+        if timeout is None:
             await self._publish(body, properties)
             return request.run_id
         try:
-            await self._call(body, reply_timeout, properties)
+            reply = await self._call(body, timeout, properties)
         except RunTimeout as error:
             raise RunTimeout(str(error), run_id=request.run_id) from None
-        return request.run_id
+        return str(reply.get("run_id") or request.run_id)
+
+    async def send_event(
+        self, run: str, name: str, data: Any = None, *, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Send an event to a run; see :meth:`zenflow.Client.send_event`."""
+        return await self._call(build_event(run, name, data), timeout, _persistent())
+
+    async def kill(
+        self,
+        run: str,
+        *,
+        reason: str | None = None,
+        by: str | None = None,
+        timeout: float = DEFAULT_REPLY_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Kill a run; see :meth:`zenflow.Client.kill`."""
+        body = build_control("kill", run, by, reason)
+        return await self._call(body, timeout, _persistent())
+
+    async def pause(
+        self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Pause a run; see :meth:`zenflow.Client.pause`."""
+        return await self._call(build_control("pause", run, by, None), timeout, _persistent())
+
+    async def resume(
+        self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Resume a paused run; see :meth:`zenflow.Client.resume`."""
+        return await self._call(build_control("resume", run, by, None), timeout, _persistent())
 
     async def get_run(
         self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0
@@ -237,3 +273,7 @@ class AsyncClient:
         finally:
             self._replies.pop(correlation_id, None)
         return read_reply(data)
+
+
+def _persistent() -> dict[str, Any]:
+    return {"delivery_mode": aio_pika.DeliveryMode.PERSISTENT, "message_id": protocol.new_run_id()}

@@ -18,14 +18,18 @@ import pika.exceptions
 
 from zenflow import protocol, serializer
 from zenflow._client_common import (
+    DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
     PENDING,
     START_GRACE,
     WorkflowRef,
+    build_control,
+    build_event,
     build_start,
     never_created,
     read_reply,
     run_outcome,
+    start_timeout,
     wait_timed_out,
 )
 from zenflow.config import Settings, redact_url
@@ -141,19 +145,27 @@ class Client:
         workflow: WorkflowRef,
         *args: Any,
         business_id: str | None = None,
+        if_running: str = "reject",
         reply_timeout: float | None = None,
         **kwargs: Any,
     ) -> str:
         """Start a run of ``workflow`` and return its run id once the broker confirmed it.
 
         ``workflow`` is a name (no import of the workflow's code needed), a Workflow
-        subclass or a function decorated with ``@workflow``. ``business_id`` and
-        ``reply_timeout`` are reserved and not passed to the workflow.
+        subclass or a function decorated with ``@workflow``. ``business_id``,
+        ``if_running`` and ``reply_timeout`` are reserved and not passed to the workflow.
 
         By default the request waits in RabbitMQ until an engine takes it, and problems
         that only the engine can see (unknown workflow name, invalid arguments) fail the
         run's start without telling the caller. With ``reply_timeout`` (seconds), the call
         also waits for the engine's acceptance and raises ``RequestRejected`` for them.
+
+        A business id belongs to at most one active (running or paused) run. When the
+        caller gives one, the call waits for the engine's reply (30 seconds unless
+        ``reply_timeout`` says otherwise). If an active run already has it,
+        ``if_running="reject"`` (the default) raises ``RequestRejected`` with the code
+        ``business_id_in_use`` naming that run, and ``if_running="return_existing"``
+        returns that run's id instead of starting a new run.
 
         Raises:
             TypeError: the arguments do not fit a workflow given as class or function.
@@ -163,17 +175,74 @@ class Client:
             RunTimeout: (with ``reply_timeout``) no engine replied in time; the request
                 stays queued and the run starts when an engine takes it.
         """
-        request, body = build_start(workflow, args, kwargs, business_id)
+        request, body = build_start(workflow, args, kwargs, business_id, if_running)
         assert request.run_id is not None
         extra = {"delivery_mode": pika.DeliveryMode.Persistent, "message_id": request.run_id}
-        if reply_timeout is None:
+        timeout = start_timeout(request, reply_timeout)
+        if timeout is None:
             self._publish_request(body, extra)
             return request.run_id
         try:
-            self._call(body, reply_timeout, extra)
+            reply = self._call(body, timeout, extra)
         except RunTimeout as error:
             raise RunTimeout(str(error), run_id=request.run_id) from None
-        return request.run_id
+        return str(reply.get("run_id") or request.run_id)
+
+    def send_event(
+        self, run: str, name: str, data: Any = None, *, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Send the event ``name`` with ``data`` to a run, by run id or business id.
+
+        The run's first wait for ``name`` receives it; if none waits, the event is kept in
+        order for the next wait for that name. Returns the engine's reply: ``run_id`` and
+        ``delivered`` (whether a wait took the event at once).
+
+        Raises:
+            RunNotFound: no run has that id or business id.
+            RequestRejected: the run has finished (code ``run_finished``).
+            SerializationError: ``data`` cannot be encoded.
+        """
+        return self._call(build_event(run, name, data), timeout, _persistent())
+
+    def kill(
+        self,
+        run: str,
+        *,
+        reason: str | None = None,
+        by: str | None = None,
+        timeout: float = DEFAULT_REPLY_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Kill a run: it dispatches nothing more, its timers are cancelled, and its active
+        children are killed too. ``by`` (default user@host) and ``reason`` are recorded.
+
+        Raises:
+            RunNotFound: no run has that id or business id.
+            RequestRejected: the run has finished (code ``run_finished``).
+        """
+        return self._call(build_control("kill", run, by, reason), timeout, _persistent())
+
+    def pause(
+        self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Pause a run: running tasks finish and are recorded, the workflow makes no new
+        decision until :meth:`resume`.
+
+        Raises:
+            RunNotFound: no run has that id or business id.
+            RequestRejected: the run has finished or is already paused.
+        """
+        return self._call(build_control("pause", run, by, None), timeout, _persistent())
+
+    def resume(
+        self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Resume a paused run, with the results and timers that arrived meanwhile.
+
+        Raises:
+            RunNotFound: no run has that id or business id.
+            RequestRejected: the run has finished or is not paused.
+        """
+        return self._call(build_control("resume", run, by, None), timeout, _persistent())
 
     def get_run(
         self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0
@@ -252,10 +321,13 @@ class Client:
         *args: Any,
         timeout: float | None = None,
         business_id: str | None = None,
+        if_running: str = "reject",
         **kwargs: Any,
     ) -> Any:
         """Start a run, wait for it and return its result (see :meth:`start`, :meth:`wait`)."""
-        run_id = self.start(workflow, *args, business_id=business_id, **kwargs)
+        run_id = self.start(
+            workflow, *args, business_id=business_id, if_running=if_running, **kwargs
+        )
         return self.wait(run_id, timeout=timeout)
 
     def _publish_request(self, body: bytes, properties: dict[str, Any]) -> None:
@@ -339,3 +411,7 @@ def default_client() -> Client:
         client = Client()
         _local.client = client
     return client
+
+
+def _persistent() -> dict[str, Any]:
+    return {"delivery_mode": pika.DeliveryMode.Persistent, "message_id": protocol.new_run_id()}

@@ -9,7 +9,8 @@ value.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import datetime as dt
+from typing import Any, Literal, NamedTuple
 
 Mode = Literal["execute", "dispatch"]
 
@@ -48,3 +49,91 @@ def describe_call(name: str, args: Any, kwargs: Any, mode: str = "execute") -> s
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Timer:
+    """A durable wait, resolved by the engine to a fire instant when first yielded.
+
+    ``rule`` is one of ``{"kind": "duration", "seconds": float}``,
+    ``{"kind": "until", "at": aware datetime}``, ``{"kind": "time_of_day", "at": "HH:MM:SS",
+    "tz": zone}``, ``{"kind": "weekday", "weekday": 0..6, "at": ..., "tz": ...}`` and
+    ``{"kind": "day_of_month", "day": 1..31, "at": ..., "tz": ...}``. Replay compares rules,
+    not instants, so a replayed ``wait.for_(hours=1)`` matches the recorded one.
+    """
+
+    rule: dict[str, Any]
+
+    def describe(self) -> str:
+        return describe_rule(self.rule)
+
+
+@dataclasses.dataclass(frozen=True)
+class EventWait:
+    """A wait for the next event with one of ``names``, or for ``timeout`` seconds."""
+
+    names: tuple[str, ...]
+    timeout: float | None = None
+
+    def describe(self) -> str:
+        names = " or ".join(repr(name) for name in self.names)
+        if self.timeout is None:
+            return f"wait for event {names}"
+        return f"wait for event {names}, timeout {format_seconds(self.timeout)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOf:
+    """Several commands raced against each other; the first to finish wins."""
+
+    commands: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """An event delivered to a workflow's wait: its name, data and arrival time."""
+
+    name: str
+    data: Any
+    received_at: dt.datetime
+
+
+class First(NamedTuple):
+    """The winner of ``wait.first(...)``: its position among the commands and its value."""
+
+    position: int
+    value: Any
+
+
+def describe_rule(rule: dict[str, Any]) -> str:
+    """Format a timer rule for history and error messages."""
+    kind = rule.get("kind")
+    if kind == "duration":
+        return f"wait {format_seconds(float(rule['seconds']))}"
+    if kind == "until":
+        return f"wait until {rule['at'].isoformat()}"
+    zone = rule.get("tz", "UTC")
+    if kind == "time_of_day":
+        return f"wait until {rule['at']} {zone}"
+    if kind == "weekday":
+        day = _WEEKDAYS[int(rule["weekday"])]
+        return f"wait until {day} {rule['at']} {zone}"
+    if kind == "day_of_month":
+        return f"wait until day {rule['day']} of the month, {rule['at']} {zone}"
+    return f"wait {rule!r}"
+
+
+def format_seconds(seconds: float) -> str:
+    """Format a duration such as ``1h30m`` or ``2.5s``."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    whole = round(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else ""]
+    parts += [f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
+    return "".join(parts)
+
+
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

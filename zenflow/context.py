@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import datetime as dt
+import hashlib
+import random as random_module
+import uuid as uuid_module
 from typing import Any
 
 import structlog
@@ -17,12 +21,67 @@ import structlog
 
 @dataclasses.dataclass
 class RunContext:
-    """The run being driven: its ids, and whether the generator is replaying history."""
+    """The run being driven: its ids, and whether the generator is replaying history.
+
+    The engine sets ``now`` and ``decision`` before each resumption of the generator.
+    ``now`` is the instant that history recorded when the workflow's last wait was resolved
+    (the run's start before the first ``yield``), so it is the same on every replay.
+    """
 
     run_id: str
     workflow: str
     business_id: str | None = None
     replaying: bool = False
+    now: dt.datetime | None = None
+    decision: int = 0
+    _random: random_module.Random | None = dataclasses.field(default=None, repr=False)
+    _random_decision: int = dataclasses.field(default=-1, repr=False)
+
+    def random(self) -> random_module.Random:
+        """Return the random generator of the current decision, seeded from the run id."""
+        if self._random is None or self._random_decision != self.decision:
+            seed = hashlib.sha256(f"{self.run_id}:{self.decision}".encode()).digest()
+            self._random = random_module.Random(seed)
+            self._random_decision = self.decision
+        return self._random
+
+
+def _require_run(what: str) -> RunContext:
+    context = _current.get()
+    if context is None:
+        from zenflow.errors import DefinitionError
+
+        raise DefinitionError(
+            f"zenflow.{what}() is for workflow code, where it returns the same value on every "
+            "replay; outside a workflow use the standard library instead"
+        )
+    return context
+
+
+def now() -> dt.datetime:
+    """Return the workflow's current time, an aware UTC datetime that replays identically.
+
+    It is the instant at which the engine recorded the event that resumed the workflow (a
+    task result, a timer, an event), or the run's start before the first ``yield``.
+    """
+    context = _require_run("now")
+    assert context.now is not None
+    return context.now
+
+
+def random() -> random_module.Random:
+    """Return a random generator for workflow code that replays the same numbers.
+
+    Its seed derives from the run id and the number of ``yield`` passed, so the values
+    depend only on the workflow's history.
+    """
+    return _require_run("random").random()
+
+
+def uuid4() -> uuid_module.UUID:
+    """Return a random (version 4) UUID that replays identically, for workflow code."""
+    bits = _require_run("uuid4").random().getrandbits(128)
+    return uuid_module.UUID(int=bits, version=4)
 
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(

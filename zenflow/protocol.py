@@ -39,7 +39,15 @@ MAX_BUSINESS_ID_LENGTH = 255
 
 REQUEST_START = "start"
 REQUEST_GET_RUN = "get_run"
-REQUEST_TYPES = (REQUEST_START, REQUEST_GET_RUN)
+REQUEST_EVENT = "event"
+CONTROL_ACTIONS = ("kill", "pause", "resume")
+REQUEST_TYPES = (REQUEST_START, REQUEST_GET_RUN, REQUEST_EVENT, *CONTROL_ACTIONS)
+
+# What a start does when an active run already has its business id: reject the request
+# (the default), or return the existing run's id.
+IF_RUNNING_POLICIES = ("reject", "return_existing")
+MAX_EVENT_NAME_LENGTH = 200
+MAX_REASON_LENGTH = 1000
 
 # Matched with fullmatch, because "$" also matches before a trailing newline.
 _RUN_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -107,6 +115,10 @@ class StartRequest:
     kwargs: dict[str, Any]
     run_id: str | None = None
     business_id: str | None = None
+    if_running: str = "reject"
+    # Set by the engine when a workflow starts a child run.
+    parent_run_id: str | None = None
+    parent_step: int | None = None
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -120,6 +132,67 @@ class StartRequest:
             body["run_id"] = self.run_id
         if self.business_id is not None:
             body["business_id"] = self.business_id
+        if self.if_running != "reject":
+            body["if_running"] = self.if_running
+        if self.parent_run_id is not None:
+            body["parent_run_id"] = self.parent_run_id
+            body["parent_step"] = self.parent_step
+        return body
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTarget:
+    """The run a request is about: by ``run_id``, by ``business_id``, or by ``run`` (either).
+
+    A business id names its active run, or else its most recent run.
+    """
+
+    run_id: str | None = None
+    business_id: str | None = None
+    run: str | None = None
+
+    @property
+    def text(self) -> str:
+        return next(value for value in (self.run_id, self.business_id, self.run) if value)
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {"run_id": self.run_id, "business_id": self.business_id, "run": self.run}
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRequest:
+    """Send the event ``name`` with ``data`` to a run."""
+
+    target: RunTarget
+    name: str
+    data: Any = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "type": REQUEST_EVENT,
+            **self.target.to_fields(),
+            "name": self.name,
+            "data": self.data,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlRequest:
+    """Kill, pause or resume a run; ``by`` and ``reason`` are recorded in its history."""
+
+    action: str
+    target: RunTarget
+    by: str | None = None
+    reason: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"version": VERSION, "type": self.action, **self.target.to_fields()}
+        if self.by is not None:
+            body["by"] = self.by
+        if self.reason is not None:
+            body["reason"] = self.reason
         return body
 
 
@@ -137,7 +210,7 @@ class GetRunRequest:
         return body
 
 
-Request = StartRequest | GetRunRequest
+Request = StartRequest | GetRunRequest | EventRequest | ControlRequest
 
 
 def decode_body(body: bytes, content_type: str | None, max_bytes: int | None = None) -> Any:
@@ -202,6 +275,21 @@ def parse_request(body: Any) -> Request:
     if kind == REQUEST_GET_RUN:
         run_id, business_id = _parse_run_reference(body)
         return GetRunRequest(run_id=run_id, business_id=business_id)
+    if kind == REQUEST_EVENT:
+        name = body.get("name")
+        if name is None:
+            raise InvalidMessage("missing_field", "missing field 'name'", "name")
+        problem = event_name_problem(name)
+        if problem is not None:
+            raise InvalidMessage("invalid_field", f"field 'name' {problem}", "name")
+        return EventRequest(_parse_target(body), name, body.get("data"))
+    if kind in CONTROL_ACTIONS:
+        return ControlRequest(
+            action=str(kind),
+            target=_parse_target(body),
+            by=_optional_string(body, "by", MAX_BUSINESS_ID_LENGTH),
+            reason=_optional_reason(body),
+        )
     if kind is None:
         raise InvalidMessage("missing_field", "missing field 'type'", "type")
     raise InvalidMessage(
@@ -246,7 +334,52 @@ def _parse_start(body: Mapping[str, Any]) -> StartRequest:
         )
     run_id = _optional_id(body, "run_id")
     business_id = _optional_string(body, "business_id", MAX_BUSINESS_ID_LENGTH)
-    return StartRequest(workflow, tuple(args), dict(kwargs), run_id, business_id)
+    if_running = body.get("if_running", "reject")
+    if if_running not in IF_RUNNING_POLICIES:
+        raise InvalidMessage(
+            "invalid_field",
+            f"field 'if_running' must be one of {', '.join(IF_RUNNING_POLICIES)}, not "
+            f"{_short(if_running)}",
+            "if_running",
+        )
+    parent_run_id = _optional_id(body, "parent_run_id")
+    parent_step = None
+    if parent_run_id is not None:
+        parent_step = _require_counter(body, "parent_step")
+    return StartRequest(
+        workflow,
+        tuple(args),
+        dict(kwargs),
+        run_id,
+        business_id,
+        if_running,
+        parent_run_id,
+        parent_step,
+    )
+
+
+def _parse_target(body: Mapping[str, Any]) -> RunTarget:
+    run_id = _optional_id(body, "run_id")
+    business_id = _optional_string(body, "business_id", MAX_BUSINESS_ID_LENGTH)
+    run = _optional_string(body, "run", MAX_BUSINESS_ID_LENGTH)
+    if run_id is None and business_id is None and run is None:
+        raise InvalidMessage(
+            "missing_field", "missing field 'run_id', 'business_id' or 'run'", "run_id"
+        )
+    return RunTarget(run_id, business_id, run)
+
+
+def _optional_reason(body: Mapping[str, Any]) -> str | None:
+    value = body.get("reason")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_REASON_LENGTH:
+        raise InvalidMessage(
+            "invalid_field",
+            f"field 'reason' must be a string of at most {MAX_REASON_LENGTH} characters",
+            "reason",
+        )
+    return value
 
 
 def _parse_run_reference(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -281,6 +414,21 @@ def _optional_string(body: Mapping[str, Any], field: str, max_length: int) -> st
 
 
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def event_name_problem(name: Any) -> str | None:
+    """Say why ``name`` is not a valid event name, or return None if it is.
+
+    Names are printable text without ',', because a run stores the names it waits for as
+    one comma-separated value.
+    """
+    if not isinstance(name, str) or not name:
+        return f"must be a non-empty string, not {_short(name)}"
+    if len(name) > MAX_EVENT_NAME_LENGTH:
+        return f"is {len(name)} characters long; the limit is {MAX_EVENT_NAME_LENGTH}"
+    if not name.isprintable() or "," in name:
+        return f"must contain only printable characters other than ',': {_short(name)}"
+    return None
 
 
 def text_problem(value: Any, max_length: int) -> str | None:

@@ -4,7 +4,8 @@ A workflow's ``handle`` yields commands (tasks, lists of tasks, dispatched tasks
 their results back at each ``yield``. The engine records every command and result and
 rebuilds the generator after a restart by replaying them, so workflow code must be
 deterministic: the same inputs and results must lead to the same commands in the same order.
-Read time, random numbers and other outside state in tasks, not in workflow code.
+Read outside state in tasks; in workflow code, use ``zenflow.now()``, ``zenflow.random()``
+and ``zenflow.uuid4()``, which return the same values on every replay.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
+from zenflow.commands import describe_call
 from zenflow.context import ReplaySafeLogger, get_logger
 from zenflow.errors import DefinitionError
 from zenflow.task import validate_name
@@ -67,44 +69,51 @@ class Workflow:
             self.workflow_name, self._zenflow_args, dict(self._zenflow_kwargs), self.id()
         )
 
-    def dispatch(self, *, client: Client | None = None) -> str:
-        """Start this workflow as a new run and return its run id.
+    def dispatch(self, *, client: Client | None = None) -> Any:
+        """Start this workflow as a new run without waiting for it.
 
-        Uses ``client``, or else the default client configured from ``ZENFLOW_*``
-        environment variables.
+        Outside a workflow, the run starts at once, through ``client`` or else the default
+        client configured from ``ZENFLOW_*`` environment variables, and its run id is
+        returned. Inside a workflow, the call returns a command: ``yield`` it to start the
+        workflow as a child run, and the ``yield`` returns the child's run id.
         """
         return self.to_call().dispatch(client=client)
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkflowCall:
-    """A workflow with its arguments, ready to be started as a run."""
+    """A workflow with its arguments, ready to be started as a run.
+
+    Yielded inside a workflow, it starts a child run: with ``mode="execute"`` the ``yield``
+    returns the child's result (or raises its failure as :class:`~zenflow.TaskFailed`), with
+    ``mode="dispatch"`` it returns the child's run id at once.
+    """
 
     name: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     business_id: str | None = None
+    mode: Literal["execute", "dispatch"] = "execute"
 
-    def dispatch(self, *, client: Client | None = None) -> str:
-        """Start the workflow as a new run and return its run id."""
-        _reject_inside_workflow(self.name)
+    def dispatch(self, *, client: Client | None = None) -> Any:
+        """Start the workflow: a run id outside a workflow, a child command inside one."""
+        from zenflow.context import current_run
+
+        if current_run() is not None:
+            if client is not None:
+                raise DefinitionError(
+                    f"cannot pass a client when dispatching workflow {self.name} inside a "
+                    "workflow: yield the returned command to start it as a child run"
+                )
+            return dataclasses.replace(self, mode="dispatch")
         if client is None:
             from zenflow.client import default_client
 
             client = default_client()
         return client.start(self.name, *self.args, business_id=self.business_id, **self.kwargs)
 
-
-def _reject_inside_workflow(name: str) -> None:
-    from zenflow.context import current_run
-
-    if current_run() is not None:
-        # NOTE: a child workflow needs a recorded command, or replay would start it again.
-        # Until that command exists, starting a workflow here is rejected.
-        raise DefinitionError(
-            f"cannot start workflow {name} from inside a workflow: child workflows are not "
-            "supported yet; start it from a task instead"
-        )
+    def describe(self) -> str:
+        return describe_call(self.name, self.args, self.kwargs, self.mode)
 
 
 G = TypeVar("G", bound=Callable[..., Any])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from zenflow import Workflow, task
+from zenflow import Workflow, task, wait
 
 
 @task
@@ -35,3 +35,14 @@ class OneStep(Workflow):
 
     def handle(self) -> Generator[Any, int, int]:
         return (yield noop(self.value))
+
+
+class OneTimer(Workflow):
+    """A single durable timer of ``seconds`` and no task, for the timers' firing delay."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def handle(self) -> Generator[Any, None, float]:
+        yield wait.for_(seconds=self.seconds)
+        return self.seconds

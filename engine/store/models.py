@@ -43,7 +43,21 @@ NAMING_CONVENTION = {
 # SQLite makes only INTEGER PRIMARY KEY columns auto-increment.
 Identifier = BigInteger().with_variant(Integer, "sqlite")
 
-RESULT_KINDS = ("task_completed", "task_failed")
+# History kinds that resolve a step; each step has at most one of them.
+RESULT_KINDS = (
+    "task_completed",
+    "task_failed",
+    "child_completed",
+    "child_failed",
+    "timer_fired",
+    "event_delivered",
+    "event_timed_out",
+    "wait_cancelled",
+)
+ONE_RESULT_WHERE = "kind IN ({})".format(", ".join(f"'{kind}'" for kind in RESULT_KINDS))
+# A run in one of these statuses can still change; the others are final.
+ACTIVE_STATUSES = ("running", "paused")
+ACTIVE_WHERE = "status IN ('running', 'paused')"
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -69,10 +83,21 @@ class Base(DeclarativeBase):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = (
+        # At most one active run per business id; finished runs do not block its reuse.
+        Index(
+            "uq_runs_active_business_id",
+            "business_id",
+            unique=True,
+            sqlite_where=text(ACTIVE_WHERE),
+            postgresql_where=text(ACTIVE_WHERE),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     workflow: Mapped[str] = mapped_column(String(200), index=True)
     business_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    # running, paused, completed, failed or killed
     status: Mapped[str] = mapped_column(String(20), index=True)
     input: Mapped[bytes] = mapped_column(LargeBinary)  # msgpack of [args, kwargs]
     result: Mapped[bytes | None] = mapped_column(LargeBinary)
@@ -84,6 +109,11 @@ class Run(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The run and step that started this run as a child workflow.
+    parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    parent_step: Mapped[int | None] = mapped_column(Integer)
+    # Event names the workflow waits for now, as ",name,other," for LIKE '%,name,%'.
+    waiting_for: Mapped[str | None] = mapped_column(Text)
 
 
 class HistoryEntry(Base):
@@ -95,16 +125,18 @@ class HistoryEntry(Base):
             "run_id",
             "step",
             unique=True,
-            sqlite_where=text("kind IN ('task_completed', 'task_failed')"),
-            postgresql_where=text("kind IN ('task_completed', 'task_failed')"),
+            sqlite_where=text(ONE_RESULT_WHERE),
+            postgresql_where=text(ONE_RESULT_WHERE),
         ),
     )
 
     id: Mapped[int] = mapped_column(Identifier, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
-    # run_started, task_scheduled, task_dispatched, task_completed, task_failed,
-    # result_ignored, run_completed, run_failed
+    # run_started, task_scheduled, task_dispatched, child_started, child_dispatched,
+    # timer_started, event_awaited, one of RESULT_KINDS, event_received, event_handled,
+    # result_ignored,
+    # run_paused, run_resumed, run_killed, run_completed, run_failed
     kind: Mapped[str] = mapped_column(String(30))
     step: Mapped[int | None] = mapped_column(Integer)
     decision: Mapped[int | None] = mapped_column(Integer)
@@ -115,6 +147,45 @@ class HistoryEntry(Base):
     payload: Mapped[bytes | None] = mapped_column(LargeBinary)  # msgpack: arguments or value
     error: Mapped[str | None] = mapped_column(Text)  # JSON
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    grouping: Mapped[str | None] = mapped_column(String(10))  # "first" in a wait.first()
+    fire_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # timers and timeouts
+
+
+class Timer(Base):
+    """A durable timer: a timer step, or the timeout of an event wait."""
+
+    __tablename__ = "timers"
+    __table_args__ = (
+        UniqueConstraint("run_id", "step"),
+        Index("ix_timers_status_fire_at", "status", "fire_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Identifier, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    fire_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(20))  # pending, fired or cancelled
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class EventRecord(Base):
+    """An event sent to a run, kept in arrival order until a wait takes it."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_run_id_status", "run_id", "status"),
+        UniqueConstraint("run_id", "message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Identifier, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)  # msgpack of the data
+    status: Mapped[str] = mapped_column(String(20))  # pending, delivered or handled
+    step: Mapped[int | None] = mapped_column(Integer)  # the wait that received it
+    # The AMQP message id of the request, so that a redelivered request adds nothing.
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class Attempt(Base):

@@ -7,14 +7,14 @@ import datetime as dt
 import json
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from engine.store.models import Attempt, HistoryEntry, Run
+from engine.store.models import ACTIVE_STATUSES, Attempt, HistoryEntry, Run
 from zenflow import serializer
 from zenflow.errors import SerializationError
 
-FINISHED_STATUSES = ("completed", "failed")
+FINISHED_STATUSES = ("completed", "failed", "killed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,8 @@ class RunView:
     updated_at: dt.datetime
     finished_at: dt.datetime | None
     steps: int
+    parent_id: str | None = None
+    waiting_for: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,8 @@ class RunView:
             "updated_at": self.updated_at,
             "finished_at": self.finished_at,
             "steps": self.steps,
+            "parent_id": self.parent_id,
+            "waiting_for": self.waiting_for,
         }
 
 
@@ -65,6 +69,8 @@ class RunRow(Protocol):
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    parent_id: str | None
+    waiting_for: str | None
 
 
 def view_run(run: RunRow) -> RunView:
@@ -82,13 +88,18 @@ def view_run(run: RunRow) -> RunView:
         updated_at=run.updated_at,
         finished_at=run.finished_at,
         steps=run.next_step - 1,
+        parent_id=run.parent_id,
+        waiting_for=[name for name in (run.waiting_for or "").split(",") if name],
     )
 
 
 def find_run(
     session: Session, reference: str | None, *, business_id: str | None = None
 ) -> Run | None:
-    """Return the run with run id ``reference``, or else the latest with that business id."""
+    """Return the run with run id ``reference``, or else the one with that business id.
+
+    A business id names its active (running or paused) run, or else its most recent run.
+    """
     if reference is not None:
         run = session.get(Run, reference)
         if run is not None:
@@ -96,7 +107,12 @@ def find_run(
     key = business_id if business_id is not None else reference
     if key is None:
         return None
-    statement = select(Run).where(Run.business_id == key).order_by(Run.created_at.desc()).limit(1)
+    statement = (
+        select(Run)
+        .where(Run.business_id == key)
+        .order_by(Run.status.in_(ACTIVE_STATUSES).desc(), Run.created_at.desc())
+        .limit(1)
+    )
     return session.scalars(statement).first()
 
 
@@ -105,13 +121,27 @@ def list_runs(
     *,
     status: str | None = None,
     workflow: str | None = None,
+    business_id: str | None = None,
+    waiting_for: str | None = None,
+    parent_id: str | None = None,
     limit: int = 50,
 ) -> list[Run]:
+    """Return the newest runs that match every filter given."""
     statement = select(Run).order_by(Run.created_at.desc(), Run.id).limit(limit)
     if status is not None:
         statement = statement.where(Run.status == status)
     if workflow is not None:
         statement = statement.where(Run.workflow == workflow)
+    if business_id is not None:
+        statement = statement.where(Run.business_id == business_id)
+    if waiting_for is not None:
+        # LIKE ignores case in SQLite, and event names are case-sensitive.
+        needle = f",{waiting_for},"
+        dialect = session.get_bind().dialect.name
+        position = func.instr if dialect == "sqlite" else func.strpos
+        statement = statement.where(position(Run.waiting_for, needle) > 0)
+    if parent_id is not None:
+        statement = statement.where(Run.parent_id == parent_id)
     return list(session.scalars(statement))
 
 

@@ -309,9 +309,9 @@ def test_runs_list_limit(cli_cluster: Cluster, recorded: RecordedRuns) -> None:
 
 
 def test_runs_list_rejects_unknown_status(cli_cluster: Cluster) -> None:
-    result = cli_cluster.zenflow("runs", "list", "--status", "paused")
+    result = cli_cluster.zenflow("runs", "list", "--status", "sleeping")
     assert result.returncode == EXIT_USAGE
-    assert "'paused'" in result.stderr
+    assert "'sleeping'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -438,7 +438,9 @@ def test_runs_show_waiting_run(cli_cluster: Cluster, recorded: RecordedRuns) -> 
     assert re.search(r"^\s+status\s+running$", text, re.MULTILINE), text
     assert "\nwaiting for\n" in text
     assert re.search(
-        rf"^\s+step 1 Unconsumed on queue '{UNCONSUMED_QUEUE}' since .* UTC$", text, re.MULTILINE
+        rf"^\s+step 1 task Unconsumed on queue '{UNCONSUMED_QUEUE}' since .* UTC$",
+        text,
+        re.MULTILINE,
     ), text
 
 
