@@ -1,4 +1,5 @@
-"""The engine's transactions: start a run, record a task result, advance the workflow.
+"""The engine's transactions: start runs, record results, fire timers, deliver events,
+control runs, and advance workflows.
 
 Each public method runs one database transaction and returns what must be published once
 it has committed. Outgoing task messages are written to the ``outbox`` table in the same
@@ -20,30 +21,26 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, select
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from engine import steps
 from engine.cache import ExecutionCache
+from engine.outbox import Outbox
 from engine.replay import Execution, History, Progress, Step, child_run_id, error_dict
 from engine.store import waits
-from engine.store.models import OutboxMessage
 from engine.store.queries import dump_json, find_run, view_run
-from engine.writer import OutgoingMessage, RunState, Sql, StaleRun, Writer, delete_outbox
+from engine.writer import OutgoingMessage, RunState, Sql, StaleRun, Writer
 from zenflow import protocol, serializer
 from zenflow.context import RunContext
 from zenflow.errors import DefinitionError, ZenflowError
 from zenflow.registry import Registry, WorkflowDefinition
 
 log = structlog.get_logger("engine")
-
-OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
 
 
 class RequestError(ZenflowError):
@@ -89,8 +86,7 @@ class Processor:
         # Added to the clock of every transaction, so that tests can move time forward.
         self.clock_offset = dt.timedelta(seconds=clock_offset)
         self.sql = Sql(database.dialect.name)
-        self._confirmed: list[str] = []  # outbox ids confirmed by RabbitMQ, not yet deleted
-        self._confirmed_lock = threading.Lock()
+        self.outbox = Outbox(database, self.sql)
 
     def now(self) -> dt.datetime:
         """Return the engine's current time: the system clock plus ``clock_offset``."""
@@ -624,50 +620,6 @@ class Processor:
             execution.revision = run.revision
             execution.run_state = dataclasses.replace(run)
             self.cache.put(run.id, execution)
-
-    # Outbox.
-
-    def confirm_outbox(self, ids: list[str]) -> None:
-        """Note outbox rows that RabbitMQ confirmed; :meth:`flush_confirmed_outbox` deletes them."""
-        with self._confirmed_lock:
-            self._confirmed.extend(ids)
-
-    def confirmed_outbox(self) -> set[str]:
-        with self._confirmed_lock:
-            return set(self._confirmed)
-
-    def flush_confirmed_outbox(self) -> int:
-        """Delete the outbox rows confirmed so far; return how many."""
-        with self._confirmed_lock:
-            confirmed, self._confirmed = self._confirmed, []
-        if not confirmed:
-            return 0
-        try:
-            with self.database.begin() as connection:
-                delete_outbox(connection, self.sql, confirmed)
-        except BaseException:
-            self.confirm_outbox(confirmed)
-            raise
-        return len(confirmed)
-
-    def pending_outbox(self, limit: int = 1000, after_id: str = "") -> list[OutgoingMessage]:
-        """Return outbox messages not deleted yet, by id, with their creation time."""
-        with self.database.connect() as connection:
-            rows = connection.execute(
-                select(OUTBOX).where(OUTBOX.c.id > after_id).order_by(OUTBOX.c.id).limit(limit)
-            )
-            return [
-                OutgoingMessage(
-                    id=row.id,
-                    run_id=row.run_id,
-                    exchange=row.exchange,
-                    routing_key=row.routing_key,
-                    body=row.body,
-                    properties=json.loads(row.properties),
-                    created_at=row.created_at,
-                )
-                for row in rows
-            ]
 
     # Engine-side failures and queries.
 

@@ -552,7 +552,7 @@ class EngineService:
             return
         finally:
             self._publishing_outbox.discard(row.id)
-        self.processor.confirm_outbox([row.id])
+        self.processor.outbox.confirm([row.id])
         log.debug("task_published", run_id=row.run_id, queue=row.routing_key)
 
     async def _notify_finished(self, run: dict[str, Any]) -> None:
@@ -605,7 +605,7 @@ class EngineService:
         after = ""
         total = 0
         while True:
-            rows = await self._in_thread(self.processor.pending_outbox, 1000, after)
+            rows = await self._in_thread(self.processor.outbox.pending, 1000, after)
             if not rows:
                 break
             await asyncio.gather(*(self._publish_outbox_row(row) for row in rows))
@@ -616,7 +616,7 @@ class EngineService:
 
     async def _flush_outbox(self) -> None:
         try:
-            await self._in_thread(self.processor.flush_confirmed_outbox)
+            await self._in_thread(self.processor.outbox.flush_confirmed)
         except Exception as error:
             # The rows stay confirmed in memory; the next flush deletes them.
             log.warning("outbox_flush_failed", error=redact_url(_aio.describe(error)))
@@ -635,10 +635,10 @@ class EngineService:
                 log.warning("outbox_sweep_failed", error=redact_url(_aio.describe(error)))
 
     async def _sweep_outbox(self) -> None:
-        rows = await self._in_thread(self.processor.pending_outbox, 1000, "")
+        rows = await self._in_thread(self.processor.outbox.pending, 1000, "")
         # created_at comes from the engine's clock, which --clock-offset may shift.
         cutoff = self.processor.now().timestamp() - OUTBOX_SWEEP_MIN_AGE
-        pending = self.processor.confirmed_outbox() | self._publishing_outbox
+        pending = self.processor.outbox.confirmed() | self._publishing_outbox
         stale = [
             row
             for row in rows

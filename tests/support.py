@@ -7,6 +7,7 @@ so tests do not see each other's messages or runs and can run while other cluste
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import signal
 import socket
@@ -301,3 +302,121 @@ def cluster_of(folder: Path, backend: str, app: str) -> Iterator[Cluster]:
         cluster.stop()
         delete_namespace(cluster.namespace)
         database.drop()
+
+
+# Reading and driving the runs of a cluster.
+
+
+def utc(value: dt.datetime | str) -> dt.datetime:
+    """Return a stored instant (naive UTC, as text in SQLite) as an aware UTC datetime."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.replace(tzinfo=dt.UTC)
+
+
+def start(cluster: Cluster, workflow: Any, *args: Any, **kwargs: Any) -> str:
+    """Start a run of ``workflow`` (a name, class or function) and return its run id."""
+    with cluster.client() as client:
+        run_id: str = client.start(workflow, *args, **kwargs)
+    return run_id
+
+
+def send(cluster: Cluster, run: str, name: str, data: Any = None) -> dict[str, Any]:
+    """Send the event ``name`` to a run, by run id or business id, and return the reply."""
+    with cluster.client() as client:
+        reply: dict[str, Any] = client.send_event(run, name, data)
+    return reply
+
+
+def result_of(cluster: Cluster, run_id: str, timeout: float = 30.0) -> Any:
+    """Wait for the run's result, and fail with the processes' logs if it times out."""
+    from zenflow import RunTimeout
+
+    with cluster.client() as client:
+        try:
+            return client.wait(run_id, timeout=timeout)
+        except RunTimeout as error:
+            raise AssertionError(f"{error}\n{cluster.logs()}") from None
+
+
+def history_kinds(cluster: Cluster, run_id: str, step: int | None = None) -> list[str]:
+    """Return the kinds of the run's history entries in order, only those of ``step`` if given."""
+    sql = "SELECT kind FROM history WHERE run_id = :id"
+    if step is None:
+        rows = cluster.database.rows(sql + " ORDER BY seq", id=run_id)
+    else:
+        rows = cluster.database.rows(sql + " AND step = :step ORDER BY seq", id=run_id, step=step)
+    return [row[0] for row in rows]
+
+
+def history_time(cluster: Cluster, run_id: str, kind: str, step: int | None = None) -> dt.datetime:
+    """Return when the run's history entry of ``kind`` (at ``step`` if given) was written."""
+    sql = "SELECT created_at FROM history WHERE run_id = :id AND kind = :kind"
+    if step is None:
+        value = cluster.database.scalar(sql, id=run_id, kind=kind)
+    else:
+        value = cluster.database.scalar(sql + " AND step = :step", id=run_id, kind=kind, step=step)
+    assert value is not None, f"run {run_id} has no {kind} entry"
+    return utc(value)
+
+
+def count_kind(cluster: Cluster, run_id: str, kind: str, step: int | None = None) -> int:
+    """Count the run's history entries of ``kind``, only those of ``step`` if given."""
+    sql = "SELECT COUNT(*) FROM history WHERE run_id = :id AND kind = :kind"
+    if step is None:
+        count = cluster.database.scalar(sql, id=run_id, kind=kind)
+    else:
+        count = cluster.database.scalar(sql + " AND step = :step", id=run_id, kind=kind, step=step)
+    return int(count)
+
+
+def wait_for_kind(
+    cluster: Cluster, run_id: str, kind: str, count: int = 1, step: int | None = None
+) -> None:
+    """Wait until the run has at least ``count`` history entries of ``kind`` (at ``step``)."""
+    at_step = "" if step is None else f" at step {step}"
+    wait_until(
+        lambda: count_kind(cluster, run_id, kind, step) >= count,
+        20,
+        message=f"{count} {kind} entries{at_step} of run {run_id}",
+    )
+
+
+def wait_until_waiting_for(cluster: Cluster, run_id: str, names: list[str]) -> None:
+    """Wait until the run waits for events of exactly ``names``, in that order."""
+    stored = ",".join(["", *names, ""])
+    wait_until(
+        lambda: (
+            cluster.database.scalar("SELECT waiting_for FROM runs WHERE id = :id", id=run_id)
+            == stored
+        ),
+        30,
+        message=f"run {run_id} to wait for {names}",
+    )
+
+
+def wait_for_timer(cluster: Cluster, run_id: str) -> dt.datetime:
+    """Wait until the run has a timer row and return its fire instant."""
+    rows = wait_until(
+        lambda: cluster.database.rows("SELECT fire_at FROM timers WHERE run_id = :id", id=run_id),
+        15,
+        message=f"a timer of run {run_id}",
+    )
+    return utc(rows[0][0])
+
+
+def children_of(cluster: Cluster, parent_id: str) -> list[Any]:
+    """Return the child runs of a run as (id, parent_step, workflow, status), by step."""
+    return cluster.database.rows(
+        "SELECT id, parent_step, workflow, status FROM runs WHERE parent_id = :id "
+        "ORDER BY parent_step",
+        id=parent_id,
+    )
+
+
+def wait_for_child_run(cluster: Cluster, parent_id: str) -> str:
+    """Wait until the run has a child run and return the id of the first, by parent step."""
+    rows = wait_until(
+        lambda: children_of(cluster, parent_id), 15, message=f"the child run of {parent_id}"
+    )
+    return str(rows[0][0])

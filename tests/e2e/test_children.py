@@ -13,34 +13,18 @@ from typing import Any
 import pytest
 
 from tests.apps import waits
-from tests.support import Cluster, wait_until
-from zenflow import RequestRejected, RunFailed, RunTimeout
+from tests.support import (
+    Cluster,
+    children_of,
+    history_kinds,
+    result_of,
+    start,
+    wait_for_child_run,
+    wait_until,
+)
+from zenflow import RequestRejected, RunFailed
 
 pytestmark = pytest.mark.e2e
-
-
-def result_of(cluster: Cluster, run_id: str, timeout: float = 30.0) -> Any:
-    """Wait for the run's result, and fail with the processes' logs if it times out."""
-    with cluster.client() as client:
-        try:
-            return client.wait(run_id, timeout=timeout)
-        except RunTimeout as error:
-            raise AssertionError(f"{error}\n{cluster.logs()}") from None
-
-
-def start(cluster: Cluster, workflow: Any, *args: Any, **kwargs: Any) -> str:
-    with cluster.client() as client:
-        run_id: str = client.start(workflow, *args, **kwargs)
-    return run_id
-
-
-def children_of(cluster: Cluster, parent_id: str) -> list[Any]:
-    """Return the child runs of a run as (id, parent_step, workflow, status), by step."""
-    return cluster.database.rows(
-        "SELECT id, parent_step, workflow, status FROM runs WHERE parent_id = :id "
-        "ORDER BY parent_step",
-        id=parent_id,
-    )
 
 
 def wait_for_children_finished(cluster: Cluster, parent_id: str, count: int) -> list[Any]:
@@ -53,15 +37,6 @@ def wait_for_children_finished(cluster: Cluster, parent_id: str, count: int) -> 
     rows = wait_until(finished, 20, message=f"{count} finished child runs of {parent_id}")
     assert rows is not None
     return rows
-
-
-def history_kinds(cluster: Cluster, run_id: str, step: int) -> list[str]:
-    rows = cluster.database.rows(
-        "SELECT kind FROM history WHERE run_id = :id AND step = :step ORDER BY seq",
-        id=run_id,
-        step=step,
-    )
-    return [row[0] for row in rows]
 
 
 # Results and links.
@@ -214,12 +189,7 @@ def test_child_with_taken_business_id_fails(waits_cluster: Cluster) -> None:
 
 def test_killed_child_fails_parent_at_yield(waits_cluster: Cluster) -> None:
     parent_id = start(waits_cluster, "ParentOfSleeper")
-    rows = wait_until(
-        lambda: children_of(waits_cluster, parent_id),
-        15,
-        message=f"the child run of {parent_id}",
-    )
-    child_id = rows[0][0]
+    child_id = wait_for_child_run(waits_cluster, parent_id)
     with waits_cluster.client() as client:
         client.kill(child_id, reason="child not needed", by="operator")
         with pytest.raises(RunFailed) as failure:
@@ -235,12 +205,7 @@ def test_killed_child_fails_parent_at_yield(waits_cluster: Cluster) -> None:
 
 def test_child_finishing_while_parent_paused(waits_cluster: Cluster) -> None:
     parent_id = start(waits_cluster, "ParentOfWaiter")
-    rows = wait_until(
-        lambda: children_of(waits_cluster, parent_id),
-        15,
-        message=f"the child run of {parent_id}",
-    )
-    child_id = rows[0][0]
+    child_id = wait_for_child_run(waits_cluster, parent_id)
     with waits_cluster.client() as client:
         client.pause(parent_id)
         client.send_event(child_id, "Ping", "from child")

@@ -8,7 +8,6 @@ timers but makes no decision until it is resumed.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import getpass
 import json
 import socket
@@ -21,52 +20,24 @@ from typing import Any
 
 import pytest
 
-from tests.support import Cluster, cluster_of, queue_depth, wait_until
-from zenflow import AsyncClient, RequestRejected, RunFailed, RunNotFound, RunTimeout
+from tests.support import (
+    Cluster,
+    cluster_of,
+    count_kind,
+    history_kinds,
+    queue_depth,
+    result_of,
+    start,
+    wait_for_child_run,
+    wait_for_kind,
+    wait_for_timer,
+    wait_until,
+)
+from zenflow import AsyncClient, RequestRejected, RunFailed, RunNotFound
 
 pytestmark = pytest.mark.e2e
 
 PARALLEL_TASKS = 3  # the number of tasks in the parallel step of ParallelThenWait
-
-
-def utc(value: dt.datetime | str) -> dt.datetime:
-    """Return a stored instant (naive UTC, as text in SQLite) as an aware UTC datetime."""
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    return value.replace(tzinfo=dt.UTC)
-
-
-def result_of(cluster: Cluster, run_id: str, timeout: float = 30.0) -> Any:
-    """Wait for the run's result, and fail with the processes' logs if it times out."""
-    with cluster.client() as client:
-        try:
-            return client.wait(run_id, timeout=timeout)
-        except RunTimeout as error:
-            raise AssertionError(f"{error}\n{cluster.logs()}") from None
-
-
-def start(cluster: Cluster, workflow: str, *args: Any) -> str:
-    with cluster.client() as client:
-        run_id: str = client.start(workflow, *args)
-    return run_id
-
-
-def count_kind(cluster: Cluster, run_id: str, kind: str) -> int:
-    return int(
-        cluster.database.scalar(
-            "SELECT COUNT(*) FROM history WHERE run_id = :id AND kind = :kind",
-            id=run_id,
-            kind=kind,
-        )
-    )
-
-
-def wait_for_kind(cluster: Cluster, run_id: str, kind: str, count: int = 1) -> None:
-    wait_until(
-        lambda: count_kind(cluster, run_id, kind) >= count,
-        20,
-        message=f"{count} {kind} entries of run {run_id}",
-    )
 
 
 def wait_for_status(cluster: Cluster, run_id: str, status: str) -> None:
@@ -80,28 +51,11 @@ def wait_for_status(cluster: Cluster, run_id: str, status: str) -> None:
         raise AssertionError(f"{error}\n{cluster.logs()}") from None
 
 
-def kinds_of(cluster: Cluster, run_id: str) -> list[str]:
-    rows = cluster.database.rows(
-        "SELECT kind FROM history WHERE run_id = :id ORDER BY seq", id=run_id
-    )
-    return [row[0] for row in rows]
-
-
 def timer_statuses(cluster: Cluster, run_id: str) -> list[str]:
     rows = cluster.database.rows(
         "SELECT status FROM timers WHERE run_id = :id ORDER BY step", id=run_id
     )
     return [row[0] for row in rows]
-
-
-def wait_for_timer(cluster: Cluster, run_id: str) -> dt.datetime:
-    """Wait until the run has a timer row and return its fire instant."""
-    rows = wait_until(
-        lambda: cluster.database.rows("SELECT fire_at FROM timers WHERE run_id = :id", id=run_id),
-        15,
-        message=f"a timer of run {run_id}",
-    )
-    return utc(rows[0][0])
 
 
 # Kill.
@@ -128,7 +82,7 @@ def test_kill_during_parallel_step(waits_cluster: Cluster) -> None:
     # The tasks that were running finish later. Their results are recorded as ignored, and
     # nothing follows.
     wait_for_kind(waits_cluster, run_id, "result_ignored", PARALLEL_TASKS)
-    kinds = kinds_of(waits_cluster, run_id)
+    kinds = history_kinds(waits_cluster, run_id)
     reasons = [
         json.loads(row[0])["reason"]
         for row in waits_cluster.database.rows(
@@ -188,12 +142,7 @@ def test_kill_paused_run(waits_cluster: Cluster) -> None:
 def test_kill_parent_kills_active_child(waits_cluster: Cluster) -> None:
     parent_id = start(waits_cluster, "ParentOfSleeper")
     database = waits_cluster.database
-    rows = wait_until(
-        lambda: database.rows("SELECT id FROM runs WHERE parent_id = :id", id=parent_id),
-        15,
-        message=f"the child run of {parent_id}",
-    )
-    child_id = rows[0][0]
+    child_id = wait_for_child_run(waits_cluster, parent_id)
     wait_for_timer(waits_cluster, child_id)
     with waits_cluster.client() as client:
         client.kill(parent_id, reason="parent stopped")
@@ -229,7 +178,7 @@ def test_pause_during_parallel_step_then_resume(waits_cluster: Cluster) -> None:
     with waits_cluster.client() as client:
         resumed = client.resume(run_id)
     result = result_of(waits_cluster, run_id)
-    kinds = kinds_of(waits_cluster, run_id)
+    kinds = history_kinds(waits_cluster, run_id)
 
     assert paused["status"] == "paused"
     assert stored["status"] == "paused"
@@ -256,7 +205,7 @@ def test_timer_due_while_paused_fires_on_resume(waits_cluster: Cluster) -> None:
     assert status_while_paused == "paused"
     assert result["after"] >= fire_at
     assert timer_statuses(waits_cluster, run_id) == ["fired"]
-    assert kinds_of(waits_cluster, run_id) == [
+    assert history_kinds(waits_cluster, run_id) == [
         "run_started",
         "timer_started",
         "run_paused",
@@ -310,14 +259,14 @@ def test_resume_running_run_rejected(waits_cluster: Cluster) -> None:
 def test_control_of_finished_run_rejected(waits_cluster: Cluster, action: str) -> None:
     run_id = start(waits_cluster, "Child", 1)
     assert result_of(waits_cluster, run_id) == 2
-    entries_before = kinds_of(waits_cluster, run_id)
+    entries_before = history_kinds(waits_cluster, run_id)
     with waits_cluster.client() as client, pytest.raises(RequestRejected) as rejected:
         getattr(client, action)(run_id)
 
     assert rejected.value.code == "run_finished"
     assert run_id in str(rejected.value)
     assert waits_cluster.database.run_status(run_id) == "completed"
-    assert kinds_of(waits_cluster, run_id) == entries_before
+    assert history_kinds(waits_cluster, run_id) == entries_before
 
 
 @pytest.mark.parametrize("action", ["kill", "pause", "resume"])

@@ -17,8 +17,16 @@ from typing import Any, TypeVar
 import pytest
 
 import zenflow
-from tests.support import Cluster, cluster_of, wait_until
-from zenflow import RunTimeout
+from tests.support import (
+    Cluster,
+    cluster_of,
+    history_time,
+    result_of,
+    send,
+    start,
+    wait_until,
+    wait_until_waiting_for,
+)
 from zenflow.context import RunContext, reset_current_run, set_current_run
 
 pytestmark = pytest.mark.e2e
@@ -37,22 +45,6 @@ def cluster(tmp_path: Path, backend: str, rabbitmq: str) -> Iterator[Cluster]:
         yield cluster
 
 
-def utc(value: dt.datetime | str) -> dt.datetime:
-    """Return a stored instant (naive UTC, as text in SQLite) as an aware UTC datetime."""
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    return value.replace(tzinfo=dt.UTC)
-
-
-def result_of(cluster: Cluster, run_id: str, timeout: float = 30.0) -> Any:
-    """Wait for the run's result, and fail with the processes' logs if it times out."""
-    with cluster.client() as client:
-        try:
-            return client.wait(run_id, timeout=timeout)
-        except RunTimeout as error:
-            raise AssertionError(f"{error}\n{cluster.logs()}") from None
-
-
 def history(cluster: Cluster, run_id: str) -> list[tuple[Any, ...]]:
     """Return the run's history as (seq, kind, step, name, payload) rows, in order."""
     rows = cluster.database.rows(
@@ -62,27 +54,10 @@ def history(cluster: Cluster, run_id: str) -> list[tuple[Any, ...]]:
     return [(row[0], row[1], row[2], row[3], bytes(row[4] or b"")) for row in rows]
 
 
-def history_time(cluster: Cluster, run_id: str, kind: str, step: int | None = None) -> dt.datetime:
-    sql = "SELECT created_at FROM history WHERE run_id = :id AND kind = :kind"
-    if step is not None:
-        sql += f" AND step = {int(step)}"
-    value = cluster.database.scalar(sql, id=run_id, kind=kind)
-    assert value is not None, f"run {run_id} has no {kind} entry"
-    return utc(value)
-
-
 def park_at_event(cluster: Cluster, workflow: str, event: str) -> str:
     """Start a run, wait until it waits for ``event``, and return its run id."""
-    with cluster.client() as client:
-        run_id: str = client.start(workflow)
-    wait_until(
-        lambda: (
-            cluster.database.scalar("SELECT waiting_for FROM runs WHERE id = :id", id=run_id)
-            == f",{event},"
-        ),
-        30,
-        message=f"run {run_id} to wait for {event}",
-    )
+    run_id = start(cluster, workflow)
+    wait_until_waiting_for(cluster, run_id, [event])
     return run_id
 
 
@@ -115,8 +90,7 @@ def test_everything_completes_after_restart_without_cache(cluster: Cluster) -> N
     run_id = park_at_event(cluster, "Everything", "Continue")
     before = history(cluster, run_id)
     restart_engine_without_cache(cluster)
-    with cluster.client() as client:
-        client.send_event(run_id, "Continue", "resumed")
+    send(cluster, run_id, "Continue", "resumed")
     result = result_of(cluster, run_id)
     after = history(cluster, run_id)
 
@@ -133,8 +107,7 @@ def test_everything_completes_after_restart_without_cache(cluster: Cluster) -> N
 def test_everything_drawn_values_replay_identically(cluster: Cluster) -> None:
     run_id = park_at_event(cluster, "Everything", "Continue")
     restart_engine_without_cache(cluster)
-    with cluster.client() as client:
-        client.send_event(run_id, "Continue", None)
+    send(cluster, run_id, "Continue", None)
     result = result_of(cluster, run_id)
     started = history_time(cluster, run_id, "run_started")
     # Everything yields six times before it draws ``lucky``.
@@ -153,8 +126,7 @@ def test_deterministic_values_survive_restart(cluster: Cluster) -> None:
     run_id = park_at_event(cluster, "Deterministic", "Go")
     before = history(cluster, run_id)
     restart_engine_without_cache(cluster)
-    with cluster.client() as client:
-        client.send_event(run_id, "Go", None)
+    send(cluster, run_id, "Go", None)
     result = result_of(cluster, run_id)
     started = history_time(cluster, run_id, "run_started")
     task_done = history_time(cluster, run_id, "task_completed", step=1)
@@ -189,8 +161,7 @@ def test_deterministic_values_survive_restart(cluster: Cluster) -> None:
 def test_values_recorded_before_restart_match_replay(cluster: Cluster) -> None:
     run_id = park_at_event(cluster, "EchoesDrawnValues", "Go")
     restart_engine_without_cache(cluster)
-    with cluster.client() as client:
-        client.send_event(run_id, "Go", None)
+    send(cluster, run_id, "Go", None)
     result = result_of(cluster, run_id)
 
     # The task's arguments were recorded before the restart. A replay that drew other
@@ -237,8 +208,7 @@ def test_replayed_event_kept_after_timeout(waits_replay_cluster: Cluster) -> Non
         15,
         message=f"the first wait of run {run_id} to time out",
     )
-    with waits_replay_cluster.client() as client:
-        client.send_event(run_id, "Late", "kept")
+    send(waits_replay_cluster, run_id, "Late", "kept")
 
     assert result_of(waits_replay_cluster, run_id) == [None, "kept"]
 

@@ -18,8 +18,21 @@ from typing import Any
 import pika
 import pytest
 
-from tests.support import AMQP_URL, Cluster, cluster_of, wait_until
-from zenflow import RequestRejected, RunNotFound, RunTimeout
+from tests.support import (
+    AMQP_URL,
+    Cluster,
+    cluster_of,
+    history_kinds,
+    result_of,
+    send,
+    start,
+    utc,
+    wait_for_kind,
+    wait_for_timer,
+    wait_until,
+    wait_until_waiting_for,
+)
+from zenflow import RequestRejected, RunNotFound
 
 pytestmark = pytest.mark.e2e
 
@@ -33,68 +46,6 @@ RESULT_KINDS = (
     "event_timed_out",
     "wait_cancelled",
 )
-
-
-def utc(value: dt.datetime | str) -> dt.datetime:
-    """Return a stored instant (naive UTC, as text in SQLite) as an aware UTC datetime."""
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    return value.replace(tzinfo=dt.UTC)
-
-
-def result_of(cluster: Cluster, run_id: str, timeout: float = 30.0) -> Any:
-    """Wait for the run's result, and fail with the processes' logs if it times out."""
-    with cluster.client() as client:
-        try:
-            return client.wait(run_id, timeout=timeout)
-        except RunTimeout as error:
-            raise AssertionError(f"{error}\n{cluster.logs()}") from None
-
-
-def start(cluster: Cluster, workflow: str, *args: Any, **kwargs: Any) -> str:
-    with cluster.client() as client:
-        run_id: str = client.start(workflow, *args, **kwargs)
-    return run_id
-
-
-def send(cluster: Cluster, run: str, name: str, data: Any = None) -> dict[str, Any]:
-    with cluster.client() as client:
-        reply: dict[str, Any] = client.send_event(run, name, data)
-    return reply
-
-
-def wait_until_waiting_for(cluster: Cluster, run_id: str, names: list[str]) -> None:
-    stored = ",".join(["", *names, ""])
-    wait_until(
-        lambda: (
-            cluster.database.scalar("SELECT waiting_for FROM runs WHERE id = :id", id=run_id)
-            == stored
-        ),
-        15,
-        message=f"run {run_id} to wait for {names}",
-    )
-
-
-def wait_until_kind(cluster: Cluster, run_id: str, kind: str, step: int) -> None:
-    wait_until(
-        lambda: cluster.database.scalar(
-            "SELECT COUNT(*) FROM history WHERE run_id = :id AND kind = :kind AND step = :step",
-            id=run_id,
-            kind=kind,
-            step=step,
-        ),
-        15,
-        message=f"{kind} at step {step} of run {run_id}",
-    )
-
-
-def history_kinds(cluster: Cluster, run_id: str, step: int) -> list[str]:
-    rows = cluster.database.rows(
-        "SELECT kind FROM history WHERE run_id = :id AND step = :step ORDER BY seq",
-        id=run_id,
-        step=step,
-    )
-    return [row[0] for row in rows]
 
 
 def stored_events(cluster: Cluster, run_id: str) -> list[tuple[str, str, int | None]]:
@@ -156,7 +107,7 @@ def test_second_wait_after_timeout_times_out_again(waits_cluster: Cluster) -> No
 
 def test_event_after_timeout_goes_to_next_wait(waits_cluster: Cluster) -> None:
     run_id = start(waits_cluster, "TimeoutThenWaitAgain", 0.3, 30)
-    wait_until_kind(waits_cluster, run_id, "event_timed_out", step=1)
+    wait_for_kind(waits_cluster, run_id, "event_timed_out", step=1)
     wait_until_waiting_for(waits_cluster, run_id, ["Late"])
     reply = send(waits_cluster, run_id, "Late", "after")
 
@@ -167,7 +118,7 @@ def test_event_after_timeout_goes_to_next_wait(waits_cluster: Cluster) -> None:
 
 def test_event_after_timeout_kept_for_later_wait(waits_cluster: Cluster) -> None:
     run_id = start(waits_cluster, "TimeoutTaskThenWait", 0.3, 2.0)
-    wait_until_kind(waits_cluster, run_id, "event_timed_out", step=1)
+    wait_for_kind(waits_cluster, run_id, "event_timed_out", step=1)
     waiting_during_task = waits_cluster.database.scalar(
         "SELECT waiting_for FROM runs WHERE id = :id", id=run_id
     )
@@ -413,7 +364,7 @@ def test_race_won_by_timer_cancels_event_wait(waits_cluster: Cluster) -> None:
     run_id = start(waits_cluster, "RaceTaskAndTimer", 2.0, 0.3)
     result = result_of(waits_cluster, run_id)
     # The task that lost goes on; its result is recorded but not sent to the workflow.
-    wait_until_kind(waits_cluster, run_id, "task_completed", step=1)
+    wait_for_kind(waits_cluster, run_id, "task_completed", step=1)
     kinds = step_statuses(waits_cluster, run_id)
     waiting = waits_cluster.database.scalar(
         "SELECT waiting_for FROM runs WHERE id = :id", id=run_id
@@ -507,20 +458,11 @@ def test_event_sent_while_engine_down_delivered_after_restart(cluster: Cluster) 
 RACE_OFFSETS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.15, 0.18, 0.21, 0.24)
 
 
-def timeout_instant(cluster: Cluster, run_id: str) -> dt.datetime:
-    """Wait until the run's event wait has its timer row and return its fire instant."""
-
-    def fire_at() -> Any:
-        return cluster.database.scalar("SELECT fire_at FROM timers WHERE run_id = :id", id=run_id)
-
-    return utc(wait_until(fire_at, 15, message=f"the timeout of run {run_id}"))
-
-
 def test_event_racing_timeout_resolves_wait_once(waits_cluster: Cluster) -> None:
     outcomes: list[tuple[str, bool, Any]] = []
     for offset in RACE_OFFSETS:
         run_id = start(waits_cluster, "WaitsForEvent", "Ping", 0.4, business_id=unique_name("race"))
-        fire_at = timeout_instant(waits_cluster, run_id)
+        fire_at = wait_for_timer(waits_cluster, run_id)
         # The test needs the clock to reach the timeout's instant, at most 0.4 s away.
         delay = (fire_at - dt.datetime.now(dt.UTC)).total_seconds() + offset
         time.sleep(max(0.0, delay))

@@ -16,26 +16,18 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.support import Cluster, cluster_of, wait_until
-from zenflow import RunFailed, RunTimeout
+from tests.support import (
+    Cluster,
+    cluster_of,
+    history_kinds,
+    history_time,
+    result_of,
+    utc,
+    wait_until,
+)
+from zenflow import RunFailed
 
 pytestmark = pytest.mark.e2e
-
-
-def utc(value: dt.datetime | str) -> dt.datetime:
-    """Return a stored instant (naive UTC, as text in SQLite) as an aware UTC datetime."""
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    return value.replace(tzinfo=dt.UTC)
-
-
-def result_of(cluster: Cluster, run_id: str, timeout: float = 30.0) -> Any:
-    """Wait for the run's result, and fail with the processes' logs if it times out."""
-    with cluster.client() as client:
-        try:
-            return client.wait(run_id, timeout=timeout)
-        except RunTimeout as error:
-            raise AssertionError(f"{error}\n{cluster.logs()}") from None
 
 
 def timer_row(cluster: Cluster, run_id: str, step: int = 1) -> Any:
@@ -50,25 +42,6 @@ def timer_row(cluster: Cluster, run_id: str, step: int = 1) -> Any:
         message=f"the timer row of step {step} of run {run_id}",
     )
     return rows[0]
-
-
-def history_kinds(cluster: Cluster, run_id: str, step: int) -> list[str]:
-    rows = cluster.database.rows(
-        "SELECT kind FROM history WHERE run_id = :id AND step = :step ORDER BY seq",
-        id=run_id,
-        step=step,
-    )
-    return [row[0] for row in rows]
-
-
-def history_time(cluster: Cluster, run_id: str, kind: str) -> dt.datetime:
-    value = cluster.database.scalar(
-        "SELECT created_at FROM history WHERE run_id = :id AND kind = :kind",
-        id=run_id,
-        kind=kind,
-    )
-    assert value is not None, f"run {run_id} has no {kind} entry"
-    return utc(value)
 
 
 def sleep_past(moment: dt.datetime, margin: float = 0.3) -> None:
