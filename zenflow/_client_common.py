@@ -90,6 +90,18 @@ def start_timeout(request: protocol.StartRequest, reply_timeout: float | None) -
     return reply_timeout
 
 
+def lookup_request(reference: str) -> bytes:
+    """Return the body of a get_run request for a run id or a business id.
+
+    The engine looks a run id up as a business id too when no run has that id.
+    """
+    if protocol.is_run_id(reference):
+        request = protocol.GetRunRequest(run_id=reference)
+    else:
+        request = protocol.GetRunRequest(business_id=reference)
+    return serializer.encode(request.to_body())
+
+
 def run_target(run: str) -> protocol.RunTarget:
     problem = protocol.text_problem(run, protocol.MAX_BUSINESS_ID_LENGTH)
     if problem is not None:

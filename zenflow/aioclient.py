@@ -24,6 +24,7 @@ from zenflow._client_common import (
     build_control,
     build_event,
     build_start,
+    lookup_request,
     never_created,
     read_reply,
     run_outcome,
@@ -181,6 +182,8 @@ class AsyncClient:
         """Wait until the run finishes and return its result; see :meth:`zenflow.Client.wait`."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        remaining = 30.0 if deadline is None else max(0.1, deadline - loop.time())
+        run_id = await self._run_id_of(run_id, remaining)
         await self._ensure_connected()
         assert self._reply_queue is not None and self._runs_exchange is not None
         binding = self.topology.run_finished_binding(run_id)
@@ -231,6 +234,16 @@ class AsyncClient:
         """Start a run, wait for it and return its result."""
         run_id = await self.start(workflow, *args, business_id=business_id, **kwargs)
         return await self.wait(run_id, timeout=timeout)
+
+    async def _run_id_of(self, reference: str, timeout: float) -> str:
+        """Return the run id of a run id or business id; see :meth:`zenflow.Client.wait`."""
+        try:
+            reply = await self._call(lookup_request(reference), timeout)
+        except RunNotFound:
+            if protocol.is_run_id(reference):
+                return reference
+            raise
+        return str(reply["run"]["run_id"])
 
     async def _publish(self, body: bytes, properties: dict[str, Any]) -> None:
         await self._ensure_connected()

@@ -26,6 +26,7 @@ from zenflow._client_common import (
     build_control,
     build_event,
     build_start,
+    lookup_request,
     never_created,
     read_reply,
     run_outcome,
@@ -261,14 +262,17 @@ class Client:
     def wait(self, run_id: str, timeout: float | None = None) -> Any:
         """Wait until the run finishes and return its result.
 
-        The engine announces finished runs on the runs exchange. The state is also polled
-        every few seconds, so a notification lost to a reconnect only delays the return.
+        ``run_id`` may also be a business id, which names its active run, or else its most
+        recent run. The engine announces finished runs on the runs exchange. The state is
+        also polled every few seconds, so a notification lost to a reconnect only delays the
+        return.
 
         Raises:
             RunFailed: the run failed; ``error`` holds the stored error.
             RunTimeout: the run did not finish within ``timeout`` seconds (it goes on).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        run_id = self._run_id_of(run_id, _remaining(deadline, 30.0))
         binding = self.topology.run_finished_binding(run_id)
         poll_interval = 1.0
         first_poll = time.monotonic()
@@ -300,6 +304,17 @@ class Client:
                     )
                 except _CONNECTION_ERRORS:
                     self.close()
+
+    def _run_id_of(self, reference: str, timeout: float) -> str:
+        """Return the run id of a run id or business id; an unknown run id is returned as is,
+        because its start may still be on its way to the engine."""
+        try:
+            reply = self._call(lookup_request(reference), timeout)
+        except RunNotFound:
+            if protocol.is_run_id(reference):
+                return reference
+            raise
+        return str(reply["run"]["run_id"])
 
     def _get_started_run(self, run_id: str, since: float, timeout: float) -> dict[str, Any]:
         """Return the run's state, or a pending state while its start may still be queued.

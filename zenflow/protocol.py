@@ -53,6 +53,11 @@ MAX_REASON_LENGTH = 1000
 _RUN_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
+def is_run_id(value: str) -> bool:
+    """Return whether ``value`` has the form of a run id (it may still be a business id)."""
+    return bool(_RUN_ID.fullmatch(value))
+
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
     """Names of the exchanges and queues for one namespace."""

@@ -140,3 +140,11 @@ def test_children_listed_under_parent(waits: Cluster) -> None:
     assert "\nchildren\n" in shown
     child_view = run_ok(waits, "runs", "show", children[0]["run_id"])
     assert f"parent       {run_id}" in child_view
+
+
+def test_client_waits_by_business_id(waits: Cluster) -> None:
+    with waits.client() as client:
+        run_id = client.start("OrderById", "W-1", business_id="order W/1")
+        client.send_event("order W/1", "Done", "by id")
+        assert client.wait("order W/1", timeout=30) == "by id"
+        assert client.get_run(run_id)["status"] == "completed"
