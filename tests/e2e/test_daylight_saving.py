@@ -61,6 +61,7 @@ def fire_at_of(database: Database, run_id: str) -> dt.datetime | None:
 )
 def test_wait_at_across_change(
     tmp_path: Path,
+    backend: str,
     rabbitmq: str,
     zone: str,
     change: dt.datetime,
@@ -70,7 +71,7 @@ def test_wait_at_across_change(
 ) -> None:
     start = change - dt.timedelta(seconds=LEAD)
     offset = (start - dt.datetime.now(UTC)).total_seconds()
-    with cluster_of(tmp_path, "sqlite", "handlers") as cluster:
+    with cluster_of(tmp_path, backend, "handlers") as cluster:
         cluster.start_engine("--clock-offset", str(offset))
         with cluster.client() as client:
             run_id = client.start("WakesAtLocalTime", clock, zone)
