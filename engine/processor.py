@@ -329,9 +329,8 @@ class Processor:
             writer = Writer(connection, self.sql, run, self.now(), new=False)
             writer.append("event_received", name=request.name, payload=payload)
             target = _first_wait_for(history, request.name)
-            handled = (
-                target is None and run.status == "running" and self._handles_events(run.workflow)
-            )
+            # Also while paused, so that on_event calls keep their order with the waits'.
+            handled = target is None and self._handles_events(run.workflow)
             waits.add_event(
                 connection,
                 run_id=run.id,
@@ -370,7 +369,10 @@ class Processor:
             _require_active(run, request.action)
             writer = Writer(connection, self.sql, run, self.now(), new=False)
             effects = Effects(run_id=run.id)
-            control = {"by": request.by, "reason": request.reason}
+            reason = request.reason
+            if reason is not None:
+                reason = "".join(char if char.isprintable() else "?" for char in reason)
+            control = {"by": request.by, "reason": reason}
             if request.action == "kill":
                 self._kill(writer, control, effects)
                 if execution is not None:
@@ -386,11 +388,6 @@ class Processor:
                     raise RequestError("invalid_state", f"run {run.id} is not paused")
                 run.status = "running"
                 writer.append("run_resumed", error=dump_json(control))
-                if self._handles_events(run.workflow):
-                    # Events that no wait took while the run was paused go to on_event now.
-                    for event in waits.pending_events(connection, run.id):
-                        waits.mark_delivered(connection, event_id=event.id, step=None)
-                        steps.hand_to_handler(writer, history, event.name, event.payload)
                 execution = self._advance(writer, execution, history, effects)
             effects.reply = {"run_id": run.id, "status": run.status}
             effects.outbox = writer.flush()
@@ -439,25 +436,35 @@ class Processor:
     def _check_parent(
         self, connection: Connection, request: protocol.StartRequest, run_id: str
     ) -> None:
-        """Reject a child start whose parent is gone, finished, or did not ask for it.
+        """Reject a child start whose parent is gone, was killed, or did not ask for it.
 
+        A parent that completed or failed leaves its dispatched children to start and run.
         The parent's row is locked, so a kill of the parent either finds this child among its
         active children or makes this start fail.
         """
         assert request.parent_run_id is not None and request.parent_step is not None
         parent = RunState.load(connection, self.sql, request.parent_run_id, lock=self.lock_rows)
         expected = child_run_id(request.parent_run_id, request.parent_step)
-        if parent is None or run_id != expected:
+        step = None
+        if parent is not None:
+            step = steps.load_history(connection, parent.id).steps.get(request.parent_step)
+        if (
+            parent is None
+            or run_id != expected
+            or step is None
+            or step.kind != "child"
+            or step.name != request.workflow
+        ):
             raise RequestError(
                 "invalid_parent",
-                f"run {request.parent_run_id} did not start a child run {run_id} at step "
-                f"{request.parent_step}",
+                f"run {request.parent_run_id} did not start a child {request.workflow} run "
+                f"{run_id} at step {request.parent_step}",
                 "parent_run_id",
             )
-        if not parent.active:
+        if parent.status == "killed":
             raise RequestError(
-                "parent_finished",
-                f"the parent run {parent.id} is {parent.status}, so its child does not start",
+                "parent_killed",
+                f"the parent run {parent.id} was killed, so its child does not start",
                 "parent_run_id",
             )
 

@@ -28,6 +28,7 @@ from zenflow import protocol, serializer
 from zenflow.commands import EventWait, First, TaskCall, Timer, describe_call, describe_rule
 from zenflow.context import RunContext, reset_current_run, set_current_run
 from zenflow.errors import DefinitionError, NonDeterminismError, SerializationError, TaskFailed
+from zenflow.protocol import MAX_BUSINESS_ID_LENGTH
 from zenflow.registry import WorkflowDefinition
 from zenflow.workflow import WorkflowCall
 
@@ -324,6 +325,14 @@ class Execution:
         except BaseException as error:  # user code; see _step
             self._fail(error_dict(error, on_event=start.name), history)
             return
+        if inspect.iscoroutine(started):
+            started.close()
+            message = (
+                f"{self.definition.name}.on_event is a coroutine function; define it with "
+                "`def` (it may yield tasks), and put async code in a task"
+            )
+            self._fail(error_dict(DefinitionError(message), on_event=start.name), history)
+            return
         if inspect.isgenerator(started):
             thread = _Thread(started, handler=True)
             self.threads.append(thread)
@@ -436,7 +445,8 @@ class Execution:
         try:
             calls, grouping = to_commands(yielded, self.definition.name)
             steps = self._to_steps(calls, grouping)
-        except (DefinitionError, SerializationError) as error:
+        except BaseException as error:
+            # User code runs here too: a child workflow's __init__ or id().
             self._fail(error_dict(error, step=self.next_step), history)
             return
         if self.decision < history.decisions:
@@ -475,6 +485,12 @@ class Execution:
                 step.mode, step.name, step.queue = call.mode, call.name, call.queue
                 step.payload = _encode_arguments(call.name, call.args, call.kwargs)
             elif isinstance(call, WorkflowCall):
+                if call.business_id is not None:
+                    problem = protocol.text_problem(call.business_id, MAX_BUSINESS_ID_LENGTH)
+                    if problem is not None:
+                        raise DefinitionError(
+                            f"child workflow {call.name}: its business id {problem}"
+                        )
                 step.kind, step.mode, step.name = "child", call.mode, call.name
                 step.payload = _encode_arguments(
                     call.name, call.args, call.kwargs, call.business_id

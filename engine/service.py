@@ -297,9 +297,12 @@ class EngineService:
                 return
             except Exception as error:
                 log.error("request_failed", error=_aio.describe(error), exc_info=True)
+                # The details (SQL, values) stay in the engine's log.
+                text = (
+                    f"the engine failed to handle the request ({type(error).__name__}); see its log"
+                )
                 await self._reply(
-                    message,
-                    {"ok": False, "error": {"code": "internal_error", "message": str(error)}},
+                    message, {"ok": False, "error": {"code": "internal_error", "message": text}}
                 )
             await _ack(message)
 
@@ -362,6 +365,14 @@ class EngineService:
     async def _send_event(
         self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.EventRequest
     ) -> None:
+        # Requests naming the run the same way take this lock in delivery order, so that
+        # events keep their order although the database threads resolve them concurrently.
+        async with self._run_lock(f"reference:{request.target.text}"):
+            await self._send_event_to_run(message, request)
+
+    async def _send_event_to_run(
+        self, message: aio_pika.abc.AbstractIncomingMessage, request: protocol.EventRequest
+    ) -> None:
         run_id = await self._in_thread(self.processor.resolve, request.target)
         target = protocol.RunTarget(run_id=run_id)
         with structlog.contextvars.bound_contextvars(run_id=run_id, event=request.name):
@@ -395,10 +406,12 @@ class EngineService:
     def _retry_unknown_run(self, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
         """Return whether to requeue a request that named an unknown run, by message id."""
         key = message.message_id
-        if not key:
+        if not key or (key not in self._unknown_runs and len(self._unknown_runs) >= 100):
+            # At most 100 requests wait at once, so a flood of requests for runs that do not
+            # exist cannot keep the engine busy requeueing them.
             return False
         now = time.monotonic()
-        if len(self._unknown_runs) > 10_000:
+        if len(self._unknown_runs) >= 100:
             self._unknown_runs = {
                 seen: since
                 for seen, since in self._unknown_runs.items()

@@ -153,19 +153,29 @@ def deliver_pending_events(writer: Writer, steps: list[Step]) -> bool:
     if not new_waits:
         return False
     events = waits.pending_events(writer.connection, writer.run.id)
+    if new_waits[0].first:
+        # The race goes to the event that arrived first, given to the first wait for it.
+        for event in events:
+            step = next((step for step in new_waits if event.name in step.event_names), None)
+            if step is not None:
+                _deliver_kept(writer, step, event)
+                return True
+        return False
     delivered = False
     for step in new_waits:
-        if step.first and delivered:
-            break
         match = next((event for event in events if event.name in step.event_names), None)
         if match is None:
             continue
         events.remove(match)
-        deliver_event(writer, step, match.name, match.payload, match.received_at)
-        # At once, so that a later wait in this transaction does not take the same event.
-        waits.mark_delivered(writer.connection, event_id=match.id, step=step.step)
+        _deliver_kept(writer, step, match)
         delivered = True
     return delivered
+
+
+def _deliver_kept(writer: Writer, step: Step, event: waits.StoredEvent) -> None:
+    deliver_event(writer, step, event.name, event.payload, event.received_at)
+    # At once, so that a later wait in this transaction does not take the same event.
+    waits.mark_delivered(writer.connection, event_id=event.id, step=step.step)
 
 
 def add_attempt(writer: Writer, result: protocol.TaskResult, step: Step) -> None:

@@ -67,7 +67,13 @@ def until(moment: dt.datetime) -> Timer:
             f"wait.until() got the naive datetime {moment.isoformat()}: give it a time zone, "
             "for example datetime(..., tzinfo=ZoneInfo('Europe/Paris')) or tzinfo=UTC"
         )
-    return Timer({"kind": "until", "at": moment.astimezone(dt.UTC)})
+    try:
+        instant = moment.astimezone(dt.UTC)
+    except OverflowError:
+        raise DefinitionError(
+            f"wait.until() got {moment.isoformat()}, which is out of the range of UTC datetimes"
+        ) from None
+    return Timer({"kind": "until", "at": instant})
 
 
 def at(time_of_day: dt.time | str, *, tz: str = "UTC") -> Timer:
@@ -104,11 +110,23 @@ def event(names: str | Iterable[str], *, timeout: dt.timedelta | float | None = 
     ``timeout`` passed first. Events sent before the wait are kept in order and delivered to
     the next wait for their name.
     """
-    listed = (names,) if isinstance(names, str) else tuple(names)
+    if isinstance(names, str):
+        listed: tuple[Any, ...] = (names,)
+    elif isinstance(names, set | frozenset):
+        # Sorted, because a set's order changes between processes and replay compares names.
+        listed = tuple(sorted(names, key=str))
+    else:
+        listed = tuple(names)
     if not listed:
         raise DefinitionError("wait.event() needs at least one event name")
     for name in listed:
         check_event_name(name)
+    joined = ",".join(dict.fromkeys(listed))
+    if len(joined) > MAX_EVENT_NAME_LENGTH:
+        raise DefinitionError(
+            f"wait.event(): the names add up to {len(joined)} characters with their commas; "
+            f"the limit is {MAX_EVENT_NAME_LENGTH}"
+        )
     seconds = None
     if timeout is not None:
         span = _to_timedelta(timeout, "timeout")

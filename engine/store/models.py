@@ -184,7 +184,7 @@ class EventRecord(Base):
     status: Mapped[str] = mapped_column(String(20))  # pending, delivered or handled
     step: Mapped[int | None] = mapped_column(Integer)  # the wait that received it
     # The AMQP message id of the request, so that a redelivered request adds nothing.
-    message_id: Mapped[str | None] = mapped_column(String(200))
+    message_id: Mapped[str | None] = mapped_column(String(255))
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 

@@ -69,3 +69,55 @@ class WakesAtLocalTime(Workflow):
     def handle(self):  # type: ignore[no-untyped-def]
         yield wait.at(self.clock, tz=self.zone)
         return zenflow.now()
+
+
+class DispatchesAndLeaves(Workflow):
+    """Dispatches a child and completes at once; the child must still run."""
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield ChildOfLeaver(7).dispatch())
+
+
+class ChildOfLeaver(Workflow):
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return (yield echo_later(self.value, 0.1))
+
+
+class BadIdChild(Workflow):
+    def __init__(self, business_id: object) -> None:
+        self.business_id = business_id
+
+    def id(self):  # type: ignore[no-untyped-def]
+        if self.business_id == "raise":
+            raise KeyError("no id")
+        return self.business_id
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        return "started"
+        yield  # a generator that never yields
+
+
+class ParentOfBadIdChild(Workflow):
+    def __init__(self, business_id: object) -> None:
+        self.business_id = business_id
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield echo_later("first", 0.0)
+        return (yield BadIdChild(self.business_id))
+
+
+class HandlerOrder(Workflow):
+    """Collects the data of events given to on_event, until "Stop"."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        yield wait.event("Stop")
+        return self.seen
+
+    def on_event(self, name: str, data: object) -> None:
+        self.seen.append(data)

@@ -16,9 +16,8 @@ from tests.support import Database, cluster_of, wait_until
 pytestmark = pytest.mark.e2e
 
 UTC = dt.UTC
-# Seconds between the engine's shifted clock at start and the change of offset: enough to
-# start the engine and the run before the change.
-LEAD = 4.0
+# Seconds between the second engine's shifted clock at its start and the fire instant.
+LEAD = 2.0
 
 
 def fire_at_of(database: Database, run_id: str) -> dt.datetime | None:
@@ -69,10 +68,10 @@ def test_wait_at_across_change(
     expected: dt.datetime,
     wait_for_it: bool,
 ) -> None:
-    start = change - dt.timedelta(seconds=LEAD)
-    offset = (start - dt.datetime.now(UTC)).total_seconds()
+    # The run starts a minute before the change, whatever the time the engine takes to start.
+    before = (change - dt.timedelta(seconds=60) - dt.datetime.now(UTC)).total_seconds()
     with cluster_of(tmp_path, backend, "handlers") as cluster:
-        cluster.start_engine("--clock-offset", str(offset))
+        engine = cluster.start_engine("--clock-offset", str(before))
         with cluster.client() as client:
             run_id = client.start("WakesAtLocalTime", clock, zone)
             wait_until(lambda: fire_at_of(cluster.database, run_id) is not None, 30)
@@ -81,7 +80,16 @@ def test_wait_at_across_change(
             )
             assert dt.datetime.fromisoformat(str(started)).replace(tzinfo=UTC) < change
             assert fire_at_of(cluster.database, run_id) == expected
-            if wait_for_it:
-                woke = client.wait(run_id, timeout=30)
-                assert woke >= expected
-                assert woke - expected < dt.timedelta(seconds=2)
+            if not wait_for_it:
+                return
+
+            # A new engine whose clock is just before the fire instant fires the timer.
+            engine.stop()
+            just_before = expected - dt.timedelta(seconds=LEAD)
+            cluster.start_engine(
+                "--clock-offset", str((just_before - dt.datetime.now(UTC)).total_seconds())
+            )
+            woke = client.wait(run_id, timeout=30)
+        assert woke >= expected
+        # Late by the second engine's start at most: far from the hour a wrong offset gives.
+        assert woke - expected < dt.timedelta(seconds=30)

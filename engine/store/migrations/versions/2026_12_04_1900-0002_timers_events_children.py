@@ -81,7 +81,7 @@ def upgrade() -> None:
         sa.Column("payload", sa.LargeBinary(), nullable=False),
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("step", sa.Integer(), nullable=True),
-        sa.Column("message_id", sa.String(length=200), nullable=True),
+        sa.Column("message_id", sa.String(length=255), nullable=True),
         sa.Column("received_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"], ["runs.id"], name=op.f("fk_events_run_id_runs"), ondelete="CASCADE"
