@@ -113,7 +113,19 @@ class Processor:
         definition = self.registry.workflows[request.workflow]
         effects = Effects(run_id=run_id)
         with self.database.begin() as connection:
-            if RunState.load(connection, self.sql, run_id, lock=False) is not None:
+            existing = RunState.load(connection, self.sql, run_id, lock=False)
+            if existing is not None:
+                if request.parent_run_id is not None and (
+                    existing.parent_id != request.parent_run_id
+                ):
+                    # Another request took the child's derived run id first: the parent
+                    # must not wait for a run that is not its child.
+                    raise RequestError(
+                        "run_id_taken",
+                        f"run id {run_id} already belongs to a run that is not a child of "
+                        f"run {request.parent_run_id}",
+                        "run_id",
+                    )
                 effects.duplicate = True
                 return effects
             now = self.now()
@@ -125,9 +137,9 @@ class Processor:
             if request.parent_run_id is not None:
                 self._check_parent(connection, request, run_id)
             if business_id is not None:
-                existing = waits.active_run_with_business_id(connection, business_id)
-                if existing is not None:
-                    return _business_id_taken(request, business_id, *existing)
+                holder = waits.active_run_with_business_id(connection, business_id)
+                if holder is not None:
+                    return _business_id_taken(request, business_id, *holder)
             run = RunState(
                 id=run_id,
                 workflow=request.workflow,

@@ -121,3 +121,13 @@ class HandlerOrder(Workflow):
 
     def on_event(self, name: str, data: object) -> None:
         self.seen.append(data)
+
+
+class ParentOfLeaverChild(Workflow):
+    """Runs ChildOfLeaver as its first step and reports a failure to start it."""
+
+    def handle(self):  # type: ignore[no-untyped-def]
+        try:
+            return (yield ChildOfLeaver(1))
+        except TaskFailed as failure:
+            return [failure.error_type, failure.error_message]

@@ -150,3 +150,23 @@ def publish_json(namespace: str, body: dict[str, object]) -> None:
         )
     finally:
         connection.close()
+
+
+def test_taken_child_run_id_fails_parent_step(tmp_path: Path, rabbitmq: str) -> None:
+    from engine.replay import child_run_id
+
+    parent_id = "parent-whose-child-id-is-taken"
+    taken = child_run_id(parent_id, 1)
+    with cluster_of(tmp_path, "sqlite", "handlers") as cluster:
+        cluster.start_engine()
+        cluster.start_agent()
+        with cluster.client() as client:
+            # A plain start takes the run id that the parent's first step derives.
+            squatter = {"version": 1, "type": "start", "workflow": "ChildOfLeaver", "args": [1]}
+            publish_json(cluster.namespace, {**squatter, "run_id": taken})
+            wait_until(lambda: cluster.database.run_status(taken) is not None, 30)
+            parent = {"version": 1, "type": "start", "workflow": "ParentOfLeaverChild"}
+            publish_json(cluster.namespace, {**parent, "run_id": parent_id})
+            result = client.wait(parent_id, timeout=30)
+    assert result[0] == "ChildNotStarted"
+    assert "run_id_taken" in result[1]
