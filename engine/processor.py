@@ -494,12 +494,15 @@ class Processor:
             return self._resolve(connection, target)
 
     def _resolve(self, connection: Connection, target: protocol.RunTarget) -> str:
-        if target.run_id is not None:
-            run_id = target.run_id if self._exists(connection, target.run_id) else None
+        """Find the run as ``get_run`` does: by run id, else by business id."""
+        run_id: str | None
+        if target.run_id is not None and self._exists(connection, target.run_id):
+            run_id = target.run_id
         elif target.business_id is not None:
             run_id = waits.run_with_business_id(connection, target.business_id)
         else:
-            run_id = waits.resolve_run_id(connection, target.text)
+            # A run id that no run has is looked up as a business id too.
+            run_id = waits.resolve_run_id(connection, target.run_id or target.text)
         if run_id is None:
             raise RequestError(
                 "run_not_found", f"no run has the id or business id {target.text!r}", "run_id"

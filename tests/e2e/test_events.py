@@ -335,6 +335,26 @@ def test_json_event_through_public_entry(
     assert result_of(waits_cluster, run_id)["data"] == data
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"run_id": "no-run-has-this-id", "business_id": "BID"},
+        {"run_id": "BID"},
+    ],
+    ids=["run-id-then-business-id", "run-id-as-business-id"],
+)
+def test_json_event_falls_back_to_business_id(
+    waits_cluster: Cluster, json_entry: JsonEntry, fields: dict[str, str]
+) -> None:
+    business_id = unique_name("fallback")
+    run_id = start(waits_cluster, "WaitsForEvent", "Ping", 30, business_id=business_id)
+    target = {key: business_id if value == "BID" else value for key, value in fields.items()}
+    _, reply = json_entry.request({"version": 1, "type": "event", **target, "name": "Ping"})
+
+    assert reply["ok"] is True, reply
+    assert reply["run_id"] == run_id
+
+
 def test_json_event_to_finished_run_rejected(waits_cluster: Cluster, json_entry: JsonEntry) -> None:
     run_id = start(waits_cluster, "WaitsForEvent", "Ping", 0.2)
     result_of(waits_cluster, run_id)
