@@ -368,6 +368,10 @@ class Processor:
     def control(self, request: protocol.ControlRequest) -> Effects:
         """Kill, pause or resume a run.
 
+        NOTE: unlike events, control requests are not deduplicated by message id, so a pause
+        or resume delivered again after a crash applies again. Storing the message id with
+        the history entry would remove this.
+
         Raises:
             RequestError: the run does not exist, has finished, or is already in the
                 requested state.
