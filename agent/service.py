@@ -175,9 +175,9 @@ class AgentService:
         except asyncio.CancelledError:
             raise
         except BaseException as error:
-            # Task code may raise SystemExit, KeyboardInterrupt or GeneratorExit; they come
-            # from the task (signals reach the main thread, not this task), so they fail
-            # only its attempt instead of stopping the agent.
+            # Task code may raise SystemExit, KeyboardInterrupt or GeneratorExit. Signals reach
+            # the main thread, not this task, so these come from the task and fail only its
+            # attempt instead of stopping the agent.
             self.stats["failed"] += 1
             log.warning("task_failed", error_type=type(error).__name__, error=str(error))
             log.debug("task_failed_traceback", exc_info=error)
@@ -266,9 +266,9 @@ class AgentService:
                 reply, message.reply_to, mandatory=True
             )
         except aiormq.exceptions.DeliveryError as error:
-            # The broker routed the result to no queue: the reply queue named by the task
-            # message does not exist. Delivering the task again would loop on the same
-            # answer, so the message is dropped.
+            # The broker routed the result to no queue, because the reply queue named by the
+            # task message does not exist. Delivering the task again would fail the same way,
+            # so the message is dropped.
             log.error("result_unroutable", reply_to=message.reply_to, error=_aio.describe(error))
             return True
         except _aio.CONNECTION_ERRORS as error:

@@ -247,12 +247,14 @@ def _describe_wait_entry(entry: HistoryEntry, names: dict[int, str]) -> str | No
     if kind == "child_failed":
         error = load_json(entry.error) or {}
         return f"step {step} failed     child workflow {entry.name}: {error.get('message')}"
+
     if kind == "timer_started":
         rule = _decode(entry.payload, default={})
         text = describe_rule(rule) if isinstance(rule, dict) and "kind" in rule else "timer"
         return f"step {step} timer set  {text}, fires at {format_instant(entry.fire_at)}{first}"
     if kind == "timer_fired":
         return f"step {step} timer fired"
+
     if kind == "event_awaited":
         text = f"step {step} waiting    for event {_event_names(entry)}"
         if entry.fire_at is not None:

@@ -10,8 +10,8 @@ from zenflow.errors import DefinitionError
 from zenflow.task import Task, TaskFunction, validate_name, validate_queue_name
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
-# What one yield waits for: a single command, every command of a list, or the first of a
-# wait.first(...) to finish.
+# The condition that resumes one yield: its single command, every command of a list, or the
+# first command of a wait.first(...) to finish.
 Grouping = Literal["single", "all", "first"]
 Command = TaskCall | WorkflowCall | Timer | EventWait
 

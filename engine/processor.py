@@ -166,7 +166,7 @@ class Processor:
             execution: Execution | None = None
             if failure is not None:
                 self._fail(writer, failure)
-                self._finished(writer, effects)
+                self._finished(writer, effects, has_timers=False)
             else:
                 context = RunContext(run_id, request.workflow, business_id)
                 execution = Execution(
@@ -252,7 +252,8 @@ class Processor:
         """Fail the parent's child step when the child's start request was rejected.
 
         The request must name a child step of the parent that starts this workflow under
-        this run id and has no result yet, so a forged start cannot fail another run's step.
+        this run id, so a forged start cannot fail another run's step. A step that already has
+        a result keeps it, because record_result ignores a second one.
         """
         parent_id, step = request.parent_run_id, request.parent_step
         assert parent_id is not None and step is not None
@@ -618,16 +619,22 @@ class Processor:
             else:
                 assert finished.error is not None
                 self._fail(writer, finished.error)
-            self._finished(writer, effects)
+            has_timers = any(step.fire_at is not None for step in execution.history.steps.values())
+            self._finished(writer, effects, has_timers=has_timers)
         else:
             run.waiting_for = steps.waiting_for(execution.history)
         execution.revision = run.revision
 
-    def _finished(self, writer: Writer, effects: Effects) -> None:
-        """Close a run that just ended: cancel its timers and tell its parent."""
+    def _finished(self, writer: Writer, effects: Effects, *, has_timers: bool = True) -> None:
+        """Close a run that just ended: cancel its timers and tell its parent.
+
+        ``has_timers`` False skips the update of the timers table, for a run that never set
+        one: the common case, on the path of every run's last step.
+        """
         run = writer.run
         run.waiting_for = None
-        writer.defer(functools.partial(waits.cancel_timers, run_id=run.id))
+        if has_timers:
+            writer.defer(functools.partial(waits.cancel_timers, run_id=run.id))
         steps.notify_parent(writer, self.topology)
         effects.finished = view_run(run).to_dict()
 
@@ -731,7 +738,7 @@ def _first_wait_for(history: History, name: str) -> Step | None:
 
 
 def _race_decided(history: History, step: Step) -> bool:
-    """Whether another command of the step's wait.first() already finished.
+    """Return whether another command of the step's wait.first() already finished.
 
     While a run is paused, a race can be decided without the workflow resuming. Its losing
     waits are then not cancelled yet, and they must not take events.

@@ -438,8 +438,9 @@ class Execution:
                 self._complete(stop.value, history)
             return
         except BaseException as error:
-            # Workflow code runs in an engine worker thread, where no signal arrives, so even
-            # SystemExit or KeyboardInterrupt comes from the workflow and fails only its run.
+            # Workflow code runs in an engine worker thread. Python delivers signals to the main
+            # thread only, so a SystemExit or KeyboardInterrupt here comes from the workflow
+            # and fails only its run.
             self._fail(error_dict(error, **_step_of(error)), history)
             return
         try:

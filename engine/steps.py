@@ -33,7 +33,6 @@ SCHEDULED_KINDS = {
     "event_awaited": ("event", "execute"),
 }
 _SCHEDULED_KIND = {value: key for key, value in SCHEDULED_KINDS.items()}
-OK_RESULT_KINDS = ("task_completed", "child_completed", "timer_fired", "event_timed_out")
 
 
 def schedule(writer: Writer, step: Step, topology: protocol.Topology) -> None:

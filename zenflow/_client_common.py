@@ -78,7 +78,7 @@ def build_start(
 
 # Seconds a request waits for the engine's reply when the caller needs the result: control
 # requests, events, and starts with a business id or an if_running policy, whose outcome
-# only the engine knows.
+# only the engine can decide.
 DEFAULT_REPLY_TIMEOUT = 30.0
 
 

@@ -306,8 +306,10 @@ class Client:
                     self.close()
 
     def _run_id_of(self, reference: str, timeout: float) -> str:
-        """Return the run id of a run id or business id; an unknown run id is returned as is,
-        because its start may still be on its way to the engine."""
+        """Return the run id that a run id or business id names.
+
+        An unknown run id is returned as is, because its start may still be on its way.
+        """
         try:
             reply = self._call(lookup_request(reference), timeout)
         except RunNotFound:

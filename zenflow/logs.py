@@ -83,7 +83,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     # Library chatter (every connection attempt, every SQL statement) only at debug.
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
-    # psycopg warns when it discards the rest of a pipeline after a failed statement, which
-    # is how the engine detects a concurrent update; the engine handles that case itself.
+    # psycopg warns when it discards the rest of a pipeline after a failed statement. That is
+    # how the engine detects a concurrent update, which it handles itself.
     logging.getLogger("psycopg").setLevel(max(numeric, logging.ERROR))
     logging.captureWarnings(True)

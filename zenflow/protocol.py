@@ -43,8 +43,8 @@ REQUEST_EVENT = "event"
 CONTROL_ACTIONS = ("kill", "pause", "resume")
 REQUEST_TYPES = (REQUEST_START, REQUEST_GET_RUN, REQUEST_EVENT, *CONTROL_ACTIONS)
 
-# What a start does when an active run already has its business id: reject the request
-# (the default), or return the existing run's id.
+# Policies of a start whose business id an active run already has: reject the request (the
+# default), or return the existing run's id.
 IF_RUNNING_POLICIES = ("reject", "return_existing")
 MAX_EVENT_NAME_LENGTH = 200
 MAX_REASON_LENGTH = 1000

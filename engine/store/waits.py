@@ -167,10 +167,9 @@ def resolve_run_id(connection: Connection, reference: str) -> str | None:
 
 def run_with_business_id(connection: Connection, business_id: str) -> str | None:
     """Return the active run with ``business_id``, or else its most recent run."""
-    reference = business_id
     row: Any = connection.execute(
         select(RUNS.c.id)
-        .where(RUNS.c.business_id == reference)
+        .where(RUNS.c.business_id == business_id)
         .order_by(RUNS.c.status.in_(ACTIVE_STATUSES).desc(), RUNS.c.created_at.desc())
         .limit(1)
     ).first()
