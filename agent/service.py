@@ -7,7 +7,13 @@ cannot start at once.
 
 A task message is acknowledged only after its result was confirmed by RabbitMQ. If the
 agent dies before that, RabbitMQ delivers the message again and the task runs again; the
-engine ignores the second result for the step.
+engine ignores the second result for the step. An attempt that runs longer than
+``ack_after`` is handed over to the engine's lease instead (see :mod:`agent.attempts`), so
+that RabbitMQ's acknowledgement timeout never closes the channel under a long task.
+
+A task's ``timeout`` and ``heartbeat`` interval are enforced here: the attempt fails with
+``TaskTimeout`` or ``TaskHeartbeatTimeout``, an ``async`` task is cancelled, and a sync task's
+thread is left to end by itself (its next ``zenflow.heartbeat()`` raises AttemptCancelled).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import aio_pika.abc
 import aiormq.exceptions
 import structlog
 
+from agent.attempts import Prefetch, RunningAttempt, retry_advice
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings
 from zenflow.context import TaskContext, set_current_task
@@ -47,11 +54,24 @@ class AgentOptions:
     settings: Settings
     queues: tuple[str, ...] = ()  # empty: every queue of the registered tasks
     concurrency: int = 8
+    # Seconds after which a running attempt is handed over to the engine's lease, and the
+    # lease that each heartbeat asks for.
+    ack_after: float = 60.0
+    lease: float = 30.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigurationError(
                 f"invalid concurrency {self.concurrency}: use 1 or more tasks at a time"
+            )
+        if not 0 <= self.ack_after <= 1500:
+            raise ConfigurationError(
+                f"invalid ack-after {self.ack_after}: use 0 to 1500 seconds, below RabbitMQ's "
+                "consumer_timeout"
+            )
+        if not 1 <= self.lease <= protocol.MAX_LEASE_SECONDS:
+            raise ConfigurationError(
+                f"invalid lease {self.lease}: use 1 to {protocol.MAX_LEASE_SECONDS:g} seconds"
             )
         for queue in self.queues:
             validate_queue_name(queue, "--queue")
@@ -71,12 +91,15 @@ class AgentService:
                 "define Task subclasses or @task functions there, or pass --queue"
             )
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self.stopping = False
         self.stats = {"completed": 0, "failed": 0, "rejected": 0}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish running tasks, publish, and close."""
+        # Twice the concurrency: the thread of a sync task that ran past its timeout may go
+        # on running, and must not keep the next tasks from starting.
         executor = ThreadPoolExecutor(
-            max_workers=self.options.concurrency, thread_name_prefix="agent-task"
+            max_workers=2 * self.options.concurrency, thread_name_prefix="agent-task"
         )
         self.executor = executor
         connection = await _aio.connect(
@@ -90,10 +113,24 @@ class AgentService:
             consume_channel = await connection.channel()
             # global_=True shares the prefetch among the agent's consumers on this channel.
             await consume_channel.set_qos(prefetch_count=self.options.concurrency, global_=True)
-            consumers = []
-            for name in self.queues:
-                queue = await _aio.declare_task_queue(consume_channel, self.topology, name)
-                consumers.append((queue, await queue.consume(self._tracked)))
+            queues = [
+                await _aio.declare_task_queue(consume_channel, self.topology, name)
+                for name in self.queues
+            ]
+            consumers: list[tuple[Any, str]] = []
+
+            async def consume() -> None:
+                for queue in queues:
+                    consumers.append((queue, await queue.consume(self._tracked)))
+
+            async def cancel() -> None:
+                while consumers:
+                    queue, tag = consumers.pop()
+                    with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                        await queue.cancel(tag)
+
+            self.prefetch = Prefetch(consume_channel, self.options.concurrency, consume, cancel)
+            await consume()
             served = set(self.registry.queues())
             for name in self.queues:
                 if name not in served:
@@ -111,9 +148,8 @@ class AgentService:
             await stop.wait()
 
             log.info("agent_stopping", running=len(self._in_flight))
-            for queue, tag in consumers:
-                with contextlib.suppress(*_aio.CONNECTION_ERRORS):
-                    await queue.cancel(tag)
+            self.stopping = True
+            await cancel()
             while self._in_flight:
                 await asyncio.wait(list(self._in_flight))
         finally:
@@ -143,19 +179,27 @@ class AgentService:
             "task": task_message.task,
         }
         with structlog.contextvars.bound_contextvars(**context):
-            result = await self._execute(task_message)
-            if message.reply_to:
-                published = await self._publish_result(message, result)
-                if not published:
-                    return  # not acknowledged: RabbitMQ delivers the task again
-            with contextlib.suppress(*_aio.CONNECTION_ERRORS):
-                await message.ack()
+            attempt = RunningAttempt(task_message, message)
+            result = await self._execute(attempt)
+            if attempt.handed_over:
+                try:
+                    await self._publish_handed_over(message, result)
+                finally:
+                    await self.prefetch.release()
+            else:
+                if message.reply_to:
+                    published = await self._publish_result(message, result)
+                    if not published:
+                        return  # not acknowledged: RabbitMQ delivers the task again
+                with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                    await message.ack()
             if result.ok and result.started_at is not None and result.finished_at is not None:
                 # Logged after the result left, so the line costs the engine no latency.
                 duration = round((result.finished_at - result.started_at) * 1000, 1)
                 log.info("task_succeeded", duration_ms=duration)
 
-    async def _execute(self, message: protocol.TaskMessage) -> protocol.TaskResult:
+    async def _execute(self, attempt: RunningAttempt) -> protocol.TaskResult:
+        message = attempt.message
         started = time.time()
         definition = self.registry.tasks.get(message.task)
         if definition is None:
@@ -171,9 +215,13 @@ class AgentService:
             )
         log.debug("task_started")
         try:
-            value = await self._call(definition, message)
+            value = await self._supervise(definition, attempt)
         except asyncio.CancelledError:
             raise
+        except _OutOfTime as error:
+            log.warning("task_failed", error_type=error.kind, error=str(error))
+            failure = self._failure(message, started, error.kind, str(error))
+            return dataclasses.replace(failure, **retry_advice(attempt, error, None))
         except BaseException as error:
             # Task code may raise SystemExit, KeyboardInterrupt or GeneratorExit. Signals reach
             # the main thread, not this task, so these come from the task and fail only its
@@ -195,6 +243,7 @@ class AgentService:
                 agent=self.identity,
                 started_at=started,
                 finished_at=time.time(),
+                **retry_advice(attempt, error, definition.retry_hook(attempt.call)),
             )
         self.stats["completed"] += 1
         finished = time.time()
@@ -210,8 +259,36 @@ class AgentService:
             finished_at=finished,
         )
 
-    async def _call(self, definition: TaskDefinition, message: protocol.TaskMessage) -> Any:
+    async def _supervise(self, definition: TaskDefinition, attempt: RunningAttempt) -> Any:
+        """Run the attempt while enforcing its limits and handing it over when it runs long."""
+        work = asyncio.ensure_future(self._call(definition, attempt))
+        options = self.options
+        try:
+            while True:
+                now = time.monotonic()
+                wait = attempt.next_check(now, options.ack_after, options.lease)
+                done, _ = await asyncio.wait({work}, timeout=wait)
+                if done:
+                    return work.result()
+                now = time.monotonic()
+                exceeded = attempt.limit_exceeded(now)
+                if exceeded is not None:
+                    attempt.give_up(exceeded[1])
+                    raise _OutOfTime(*exceeded)
+                if not attempt.handed_over and now - attempt.started >= options.ack_after:
+                    await self._hand_over(attempt)
+                elif attempt.handed_over and now - attempt.last_lease >= options.lease / 3:
+                    await self._send_heartbeat(attempt)
+        finally:
+            if not work.done():
+                # An async task is cancelled; a sync task's thread cannot be, and ends when
+                # its code returns or its next heartbeat() raises AttemptCancelled.
+                work.cancel()
+                await asyncio.wait({work}, timeout=1.0)
+
+    async def _call(self, definition: TaskDefinition, attempt: RunningAttempt) -> Any:
         # Each delivery runs in its own asyncio task, so this context is the task's own.
+        message = attempt.message
         set_current_task(
             TaskContext(
                 run_id=message.run_id,
@@ -219,20 +296,81 @@ class AgentService:
                 step=message.step,
                 attempt=message.attempt,
                 task=message.task,
+                beat=attempt.beat,
             )
         )
         if definition.is_async:
-            value = definition.prepare(message.args, message.kwargs)()
+            attempt.call = definition.prepare(message.args, message.kwargs)
+            value = attempt.call()
         else:
             loop = asyncio.get_running_loop()
             context = contextvars.copy_context()
             value = await loop.run_in_executor(
                 self.executor,
-                functools.partial(context.run, _run_sync, definition, message),
+                functools.partial(context.run, _run_sync, definition, attempt),
             )
         if inspect.isawaitable(value):
             value = await value
         return value
+
+    async def _hand_over(self, attempt: RunningAttempt) -> None:
+        """Put a long attempt under the engine's lease, then acknowledge its delivery."""
+        delivery = attempt.delivery
+        if not await self._send_heartbeat(attempt):
+            return  # tried again at the next check
+        await self.prefetch.hold()
+        try:
+            await delivery.ack()
+        except _aio.CONNECTION_ERRORS as error:
+            # The delivery went back to the queue with the lost channel.
+            await self.prefetch.release()
+            log.warning("hand_over_failed", error=_aio.describe(error))
+            return
+        attempt.handed_over = True
+        log.info("task_handed_over", lease_s=self.options.lease)
+
+    async def _send_heartbeat(self, attempt: RunningAttempt) -> bool:
+        delivery = attempt.delivery
+        if not delivery.reply_to:
+            return True
+        heartbeat = attempt.heartbeat(self.identity, self.options.lease)
+        message = aio_pika.Message(
+            serializer.encode(heartbeat.to_body()),
+            content_type=protocol.MSGPACK_CONTENT_TYPE,
+            correlation_id=delivery.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type="task_heartbeat",
+        )
+        try:
+            await self.publish_channel.default_exchange.publish(
+                message, delivery.reply_to, mandatory=True
+            )
+        except aiormq.exceptions.DeliveryError as error:
+            log.warning("heartbeat_not_sent", error=_aio.describe(error))
+            return False
+        except _aio.CONNECTION_ERRORS as error:
+            log.warning("heartbeat_not_sent", error=_aio.describe(error))
+            return False
+        return True
+
+    async def _publish_handed_over(
+        self, delivery: aio_pika.abc.AbstractIncomingMessage, result: protocol.TaskResult
+    ) -> None:
+        """Publish the result of a handed-over attempt, whose delivery is acknowledged.
+
+        RabbitMQ will not deliver such a task again, so the result is sent until the broker
+        confirms it. If the agent stops first, the engine's lease runs out and the engine
+        retries the attempt.
+        """
+        if not delivery.reply_to:
+            return
+        delay = 0.5
+        while not await self._publish_result(delivery, result, requeue=False):
+            if self.stopping:
+                log.warning("result_lost_at_stop", hint="the engine retries when the lease ends")
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def _failure(
         self, message: protocol.TaskMessage, started: float, kind: str, text: str
@@ -251,7 +389,11 @@ class AgentService:
         )
 
     async def _publish_result(
-        self, message: aio_pika.abc.AbstractIncomingMessage, result: protocol.TaskResult
+        self,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        result: protocol.TaskResult,
+        *,
+        requeue: bool = True,
     ) -> bool:
         assert message.reply_to is not None
         reply = aio_pika.Message(
@@ -273,8 +415,9 @@ class AgentService:
             return True
         except _aio.CONNECTION_ERRORS as error:
             log.warning("result_publish_failed", error=_aio.describe(error))
-            with contextlib.suppress(*_aio.CONNECTION_ERRORS):
-                await message.nack(requeue=True)
+            if requeue:
+                with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                    await message.nack(requeue=True)
             return False
         return True
 
@@ -325,5 +468,14 @@ class AgentService:
             await message.ack()
 
 
-def _run_sync(definition: TaskDefinition, message: protocol.TaskMessage) -> Any:
-    return definition.prepare(message.args, message.kwargs)()
+def _run_sync(definition: TaskDefinition, attempt: RunningAttempt) -> Any:
+    attempt.call = definition.prepare(attempt.message.args, attempt.message.kwargs)
+    return attempt.call()
+
+
+class _OutOfTime(Exception):
+    """An attempt ran past its timeout or heartbeat interval; ``kind`` is the error type."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -33,6 +33,7 @@ from zenflow.errors import (
 )
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_CONFIGURATION = 3
 EXIT_TIMEOUT = 4
 EXIT_NOT_FOUND = 5
@@ -232,6 +233,25 @@ def agent(
             help="Tasks run at the same time (and messages prefetched).", min=1, max=65535
         ),
     ] = 8,
+    ack_after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds after which a running task is acknowledged to RabbitMQ and kept "
+            "alive by heartbeats to the engine instead. Keep it below RabbitMQ's "
+            "consumer_timeout.",
+            min=0,
+            max=1500,
+        ),
+    ] = 60.0,
+    lease: Annotated[
+        float,
+        typer.Option(
+            help="Seconds that each heartbeat of a long task is valid for; the engine retries "
+            "the task if no heartbeat comes within it. Heartbeats go every third of it.",
+            min=1,
+            max=3600,
+        ),
+    ] = 30.0,
     amqp_url: AmqpUrl = None,
     namespace: Namespace = None,
     log_level: LogLevel = None,
@@ -244,7 +264,11 @@ def agent(
         settings = _settings(amqp_url, None, namespace)
         registry = load_registry(app_modules_from_env(app_modules))
         options = AgentOptions(
-            settings=settings, queues=tuple(queue or ()), concurrency=concurrency
+            settings=settings,
+            queues=tuple(queue or ()),
+            concurrency=concurrency,
+            ack_after=ack_after,
+            lease=lease,
         )
         service = AgentService(options, registry)
         _serve(lambda: service, log_level)
@@ -556,6 +580,85 @@ def runs_resume(
 ) -> None:
     """Resume a paused run with what happened while it was paused."""
     _control("resume", run, None, timeout, amqp_url, namespace)
+
+
+@runs_app.command("retry")
+def runs_retry(
+    run: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[RUN]", help="Run id or business id of a failed run. Omit with --workflow."
+        ),
+    ] = None,
+    workflow: Annotated[
+        str | None, typer.Option(help="Retry every failed run of this workflow.")
+    ] = None,
+    status: Annotated[
+        Status | None,
+        typer.Option(help="With --workflow: the status of the runs to retry; only failed."),
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="With --workflow: do not ask for confirmation.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(help="With --workflow: the most runs retried.", min=1, max=100_000)
+    ] = 1000,
+    timeout: ControlTimeout = 30.0,
+    amqp_url: AmqpUrl = None,
+    namespace: Namespace = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Retry a failed run from the step that failed, or every failed run of a workflow.
+
+    The failed task step gets a new series of attempts and the workflow continues from it;
+    the earlier attempts stay in the history. A run that failed in workflow code is replayed
+    with the code the engine runs now.
+    """
+    from zenflow.client import Client
+
+    if (run is None) == (workflow is None):
+        fail("give either RUN or --workflow NAME", EXIT_USAGE)
+    if status is not None and status is not Status.failed:
+        fail(f"invalid --status {status.value}: only failed runs can be retried", EXIT_USAGE)
+    with clear_errors():
+        if run is not None:
+            targets = [run]
+        else:
+            from engine.store.queries import list_runs
+
+            with _session(database_url) as session:
+                targets = [
+                    found.id
+                    for found in list_runs(session, status="failed", workflow=workflow, limit=limit)
+                ]
+            if not targets:
+                typer.echo(f"no failed runs of workflow {workflow}")
+                return
+            noun = "run" if len(targets) == 1 else "runs"
+            typer.echo(f"{len(targets)} failed {noun} of workflow {workflow} to retry")
+            if not yes:
+                typer.confirm("Retry them?", abort=True)
+        settings = _settings(amqp_url, None, namespace)
+        failures = 0
+        with Client(settings.amqp_url, namespace=settings.namespace) as client:
+            for target in targets:
+                try:
+                    reply = client.retry(target, timeout=timeout)
+                except RequestRejected as error:
+                    if run is not None:
+                        raise
+                    failures += 1
+                    typer.echo(f"run {target} not retried ({error.code}): {error}", err=True)
+                    continue
+                if "step" in reply:
+                    typer.echo(
+                        f"run {reply['run_id']} is {reply['status']}: step {reply['step']} "
+                        f"runs again as attempt {reply['attempt']}"
+                    )
+                else:
+                    typer.echo(f"run {reply['run_id']} is {reply['status']} after a replay")
+    if failures:
+        fail(f"{failures} of {len(targets)} runs were not retried", EXIT_FAILED)
 
 
 # Database.

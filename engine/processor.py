@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from engine import steps
+from engine import retries, steps
 from engine.cache import ExecutionCache
 from engine.outbox import Outbox
 from engine.replay import Execution, History, Progress, Step, child_run_id, error_dict
@@ -62,6 +63,9 @@ class Effects:
     duplicate: bool = False
     ignored: str | None = None  # why a result changed nothing, if it did not
     existing: bool = False  # a start returned the active run that has its business id
+    retry_in: float | None = None  # a failed attempt will be retried after these seconds
+    retried: int | None = None  # the attempt that a retry timer started
+    lost: int | None = None  # the attempt whose lease ran out
     reply: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of an ok reply
 
 
@@ -219,6 +223,17 @@ class Processor:
             writer = Writer(connection, self.sql, run, self.now(), new=False)
             if step.kind == "task":
                 steps.add_attempt(writer, result, step)
+                stale = _stale_attempt(step, result)
+                if stale is not None and step.outcome is None and run.active:
+                    effects.ignored = stale
+                    writer.append(
+                        "result_ignored",
+                        step=result.step,
+                        name=step.name,
+                        attempt=result.attempt,
+                        error=dump_json({"reason": stale}),
+                    )
+                    return self._finish_transaction(writer, execution, effects)
             if step.outcome is not None or run.status == "killed":
                 reason = "the step already has a result"
                 if step.outcome is None:
@@ -235,18 +250,34 @@ class Processor:
                 )
                 return self._finish_transaction(writer, execution, effects)
 
-            steps.add_outcome(writer, result, step)
-            if step.mode == "dispatch":
-                # Recorded for the timeline; the workflow does not wait for it.
+            if not self._resolve_step(writer, step, result, effects):
                 return self._finish_transaction(writer, execution, effects)
-            if run.status != "running":
-                effects.ignored = f"recorded, but the run is {run.status} and does not advance"
-                return self._finish_transaction(writer, execution, effects)
-
             execution = self._advance(writer, execution, history, effects)
             effects.outbox = writer.flush()
         self._keep(run, execution, effects)
         return effects
+
+    def _resolve_step(
+        self, writer: Writer, step: Step, result: protocol.TaskResult, effects: Effects
+    ) -> bool:
+        """Record an attempt's outcome, or schedule the next attempt after a failure.
+
+        Returns whether the workflow should advance.
+        """
+        if step.kind == "task" and not result.ok:
+            error = result.error or {}
+            delay = retries.next_delay(step, error, result)
+            if delay is not None:
+                retries.schedule_retry(writer, step, error, delay)
+                effects.retry_in = delay.total_seconds()
+                return False
+        steps.add_outcome(writer, result, step)
+        if step.mode == "dispatch":
+            return False  # recorded for the timeline; the workflow does not wait for it
+        if writer.run.status != "running":
+            effects.ignored = f"recorded, but the run is {writer.run.status} and does not advance"
+            return False
+        return True
 
     def fail_child_start(self, request: protocol.StartRequest, reason: str) -> Effects:
         """Fail the parent's child step when the child's start request was rejected.
@@ -294,7 +325,7 @@ class Processor:
         effects = Effects(run_id=timer.run_id)
         with self._discarding_on_error(timer.run_id), self.database.begin() as connection:
             found = self._load_run(connection, timer.run_id)
-            if not waits.claim_timer(connection, timer.id):
+            if not waits.claim_timer(connection, timer.id, timer.fire_at):
                 effects.ignored = "the timer was fired or cancelled meanwhile"
                 return effects
             if found is None or not found[0].active:
@@ -306,10 +337,73 @@ class Processor:
                 effects.ignored = f"step {timer.step} already has a result"
                 return effects
             writer = Writer(connection, self.sql, run, self.now(), new=False)
-            steps.fire_timer(writer, step)
+            if step.kind == "task":
+                if not self._task_timer(writer, step, timer, effects):
+                    return self._finish_transaction(writer, execution, effects)
+            else:
+                steps.fire_timer(writer, step)
             execution = self._advance(writer, execution, history, effects)
             effects.outbox = writer.flush()
         self._keep(run, execution, effects)
+        return effects
+
+    def _task_timer(
+        self, writer: Writer, step: Step, timer: waits.DueTimer, effects: Effects
+    ) -> bool:
+        """Start the next attempt of a task step, or fail an attempt whose lease ran out.
+
+        Returns whether the workflow should advance.
+        """
+        if step.retry_at is not None:
+            retries.start_attempt(writer, step, self.topology)
+            effects.retried = step.attempt
+            return False
+        detail = json.loads(timer.detail) if timer.detail else {}
+        lost = protocol.TaskResult(
+            run_id=writer.run.id,
+            step=step.step,
+            attempt=step.attempt,
+            ok=False,
+            workflow=writer.run.workflow,
+            error=retries.lost_attempt(step, detail),
+            agent=str(detail.get("agent") or ""),
+        )
+        steps.add_attempt(writer, lost, step)
+        effects.lost = step.attempt
+        return self._resolve_step(writer, step, lost, effects)
+
+    def record_heartbeat(self, heartbeat: protocol.TaskHeartbeat) -> Effects:
+        """Extend the lease of a running attempt by the heartbeat's ``lease`` seconds."""
+        effects = Effects(run_id=heartbeat.run_id)
+        with self.database.begin() as connection:
+            found = self._load_run(connection, heartbeat.run_id)
+            step = found[2].steps.get(heartbeat.step) if found is not None else None
+            if found is None or not found[0].active or step is None or step.kind != "task":
+                effects.ignored = "no active run waits for this task"
+                return effects
+            if step.outcome is not None or step.retry_at is not None:
+                effects.ignored = f"attempt {heartbeat.attempt} has already ended"
+                return effects
+            if step.attempt != heartbeat.attempt:
+                effects.ignored = f"attempt {heartbeat.attempt} is not the current one"
+                return effects
+            now = self.now()
+            detail = {
+                "agent": heartbeat.agent,
+                "heartbeat_at": now.isoformat(timespec="seconds"),
+                "attempt": heartbeat.attempt,
+            }
+            if heartbeat.details is not None:
+                detail["details"] = protocol.short_repr(heartbeat.details)
+            waits.set_timer(
+                connection,
+                run_id=heartbeat.run_id,
+                step=heartbeat.step,
+                fire_at=now + dt.timedelta(seconds=heartbeat.lease),
+                kind="lease",
+                detail=dump_json(detail),
+            )
+            step.leased = True
         return effects
 
     def due_timers(self, limit: int = 200) -> list[waits.DueTimer]:
@@ -383,14 +477,17 @@ class Processor:
             found = self._load_run(connection, run_id)
             assert found is not None
             run, execution, history = found
-            _require_active(run, request.action)
+            if request.action != "retry":
+                _require_active(run, request.action)
             writer = Writer(connection, self.sql, run, self.now(), new=False)
             effects = Effects(run_id=run.id)
             reason = request.reason
             if reason is not None:
                 reason = "".join(char if char.isprintable() else "?" for char in reason)
             control = {"by": request.by, "reason": reason}
-            if request.action == "kill":
+            if request.action == "retry":
+                execution = self._retry(writer, history, control, effects)
+            elif request.action == "kill":
                 self._kill(writer, control, effects)
                 if execution is not None:
                     execution.close()
@@ -406,10 +503,61 @@ class Processor:
                 run.status = "running"
                 writer.append("run_resumed", error=dump_json(control))
                 execution = self._advance(writer, execution, history, effects)
-            effects.reply = {"run_id": run.id, "status": run.status}
-            effects.outbox = writer.flush()
+            effects.reply = {"run_id": run.id, "status": run.status, **effects.reply}
+            try:
+                effects.outbox = writer.flush()
+            except IntegrityError:
+                raise RequestError(
+                    "business_id_taken",
+                    f"run {run.id} cannot run again: another active run has its business id "
+                    f"{run.business_id!r}",
+                    "run_id",
+                ) from None
         self._keep(run, execution, effects)
         return effects
+
+    def _retry(
+        self, writer: Writer, history: History, control: dict[str, Any], effects: Effects
+    ) -> Execution | None:
+        """Run a failed run again from where it failed, keeping its history.
+
+        If a task's failure ended the run, that step gets a new series of attempts and the
+        workflow waits for it again. Otherwise the workflow's own code failed: it is replayed
+        from its history with the code the engine runs now, as after a fix.
+        """
+        run = writer.run
+        if run.status != "failed":
+            raise RequestError(
+                "invalid_state", f"run {run.id} is {run.status}; only a failed run can be retried"
+            )
+        error = json.loads(run.error or "{}")
+        step = history.steps.get(error.get("step")) if isinstance(error.get("step"), int) else None
+        failed_task = (
+            step is not None
+            and step.kind == "task"
+            and step.outcome is not None
+            and not step.outcome.ok
+        )
+        if step is not None and step.kind == "child" and step.outcome and not step.outcome.ok:
+            raise RequestError(
+                "invalid_state",
+                f"run {run.id} failed because its child workflow {step.name} at step "
+                f"{step.step} failed; retry covers task steps and workflow code, so start a "
+                "new run",
+            )
+        run.status, run.error, run.finished_at = "running", None, None
+        if step is not None and failed_task:
+            writer.append("run_retried", step=step.step, error=dump_json(control))
+            step.outcome = None
+            writer.defer(
+                functools.partial(waits.mark_result_retried, run_id=run.id, step=step.step)
+            )
+            retries.start_attempt(writer, step, self.topology, manual=True)
+            run.waiting_for = steps.waiting_for(history)
+            effects.reply = {"step": step.step, "attempt": step.attempt}
+            return None
+        writer.append("run_retried", error=dump_json(control))
+        return self._advance(writer, None, history, effects)
 
     def _kill(self, writer: Writer, control: dict[str, Any], effects: Effects) -> None:
         """End a run as killed, cancel its timers and kill its active children."""
@@ -619,7 +767,10 @@ class Processor:
             else:
                 assert finished.error is not None
                 self._fail(writer, finished.error)
-            has_timers = any(step.fire_at is not None for step in execution.history.steps.values())
+            has_timers = any(
+                step.fire_at is not None or step.attempt > 1 or step.leased
+                for step in execution.history.steps.values()
+            )
             self._finished(writer, effects, has_timers=has_timers)
         else:
             run.waiting_for = steps.waiting_for(execution.history)
@@ -709,6 +860,21 @@ def _business_id_taken(
         "it finishes, kill it, or start with if_running='return_existing' to get its run id",
         "business_id",
     )
+
+
+def _stale_attempt(step: Step, result: protocol.TaskResult) -> str | None:
+    """Return why a task result is for an attempt that no longer counts, or None."""
+    if result.attempt != step.attempt:
+        return (
+            f"attempt {result.attempt} of step {step.step} is not the current attempt "
+            f"{step.attempt}"
+        )
+    if step.retry_at is not None:
+        return (
+            f"attempt {result.attempt} of step {step.step} already failed; the next attempt "
+            f"is due at {step.retry_at.isoformat(timespec='seconds')}"
+        )
+    return None
 
 
 def _require_active(run: RunState, action: str) -> None:

@@ -30,6 +30,7 @@ from zenflow.context import RunContext, reset_current_run, set_current_run
 from zenflow.errors import DefinitionError, NonDeterminismError, SerializationError, TaskFailed
 from zenflow.protocol import MAX_BUSINESS_ID_LENGTH
 from zenflow.registry import WorkflowDefinition
+from zenflow.retry import Retry, default_retry, seconds_of
 from zenflow.workflow import WorkflowCall
 
 StepKind = Literal["task", "child", "timer", "event"]
@@ -56,6 +57,14 @@ class Step:
     kind: StepKind = "task"
     first: bool = False  # one of the commands of a wait.first()
     fire_at: dt.datetime | None = None  # timers and event waits with a timeout
+    # Tasks: the retry policy, timeout and heartbeat interval (JSON-ready), the current
+    # attempt, the attempt that began the current series, and the time of the next attempt
+    # while the step waits to retry.
+    options: dict[str, Any] | None = None
+    attempt: int = 1
+    first_attempt: int = 1
+    retry_at: dt.datetime | None = None
+    leased: bool = False  # an agent sent a heartbeat for an attempt
 
     def describe(self) -> str:
         if self.kind == "timer":
@@ -485,6 +494,7 @@ class Execution:
             if isinstance(call, TaskCall):
                 step.mode, step.name, step.queue = call.mode, call.name, call.queue
                 step.payload = _encode_arguments(call.name, call.args, call.kwargs)
+                step.options = task_options(call)
             elif isinstance(call, WorkflowCall):
                 if call.business_id is not None:
                     problem = protocol.text_problem(call.business_id, MAX_BUSINESS_ID_LENGTH)
@@ -604,6 +614,18 @@ def _describe_decision(steps: list[Step], grouping: Grouping) -> str:
     if grouping == "first":
         return f"wait.first({described})"
     return described or "no command"
+
+
+def task_options(call: TaskCall) -> dict[str, Any]:
+    """Return how a task step runs: its retry policy (or the default), timeout, heartbeat."""
+    if call.retry is not None and not isinstance(call.retry, Retry):
+        raise DefinitionError(f"task {call.name}: invalid retry {call.retry!r}; use zenflow.Retry")
+    options: dict[str, Any] = {"retry": (call.retry or default_retry()).to_wire()}
+    for name in ("timeout", "heartbeat"):
+        value = getattr(call, name)
+        if value is not None:
+            options[name] = seconds_of(value, name, f"task {call.name}")
+    return options
 
 
 def child_run_id(parent_run_id: str, step: int) -> str:

@@ -454,7 +454,13 @@ class EngineService:
                         self.processor.fail_run, timer.run_id, error
                     )
                 late = (self.processor.now() - timer.fire_at).total_seconds() * 1000
-                if effects.ignored is None:
+                if effects.lost is not None:
+                    log.warning(
+                        "task_lease_expired", attempt=effects.lost, retry_in=effects.retry_in
+                    )
+                elif effects.retried is not None:
+                    log.info("task_retry_started", attempt=effects.retried, late_ms=round(late, 1))
+                elif effects.ignored is None:
                     log.info("timer_fired", late_ms=round(late, 1))
                 await self._publish_effects(effects)
         return len(timers)
@@ -479,7 +485,11 @@ class EngineService:
 
     async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
-            result = protocol.TaskResult.from_body(serializer.decode(message.body))
+            body = serializer.decode(message.body)
+            if isinstance(body, dict) and body.get("type") == "task_heartbeat":
+                await self._on_heartbeat(message, protocol.TaskHeartbeat.from_body(body))
+                return
+            result = protocol.TaskResult.from_body(body)
         except (protocol.InvalidMessage, Exception) as error:
             log.warning(
                 "result_rejected",
@@ -513,7 +523,37 @@ class EngineService:
             await self._publish_effects(effects)
             await _ack(message)
 
+    async def _on_heartbeat(
+        self, message: aio_pika.abc.AbstractIncomingMessage, heartbeat: protocol.TaskHeartbeat
+    ) -> None:
+        context = {"run_id": heartbeat.run_id, "step": heartbeat.step, "attempt": heartbeat.attempt}
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                async with self._run_lock(heartbeat.run_id):
+                    effects = await self._in_thread(self.processor.record_heartbeat, heartbeat)
+            except TRANSIENT_ERRORS as error:
+                await self._retry_later(message, error)
+                return
+            except Exception as error:
+                log.error("heartbeat_failed", error=_aio.describe(error), exc_info=True)
+            else:
+                if effects.ignored is not None:
+                    log.info("heartbeat_ignored", reason=effects.ignored, agent=heartbeat.agent)
+                else:
+                    log.debug("heartbeat_recorded", agent=heartbeat.agent, lease=heartbeat.lease)
+            await _ack(message)
+
     def _log_result(self, result: protocol.TaskResult, effects: Effects) -> None:
+        if effects.retry_in is not None:
+            error = result.error or {}
+            log.info(
+                "task_retry_scheduled",
+                agent=result.agent,
+                error_type=error.get("type"),
+                error=error.get("message"),
+                delay_s=round(effects.retry_in, 3),
+            )
+            return
         if effects.duplicate:
             self.stats["duplicates"] += 1
             log.info("duplicate_result_ignored")

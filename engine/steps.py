@@ -33,6 +33,8 @@ SCHEDULED_KINDS = {
     "event_awaited": ("event", "execute"),
 }
 _SCHEDULED_KIND = {value: key for key, value in SCHEDULED_KINDS.items()}
+# History kinds that change a task step's current attempt.
+ATTEMPT_KINDS = ("task_retry_scheduled", "task_retried")
 
 
 def schedule(writer: Writer, step: Step, topology: protocol.Topology) -> None:
@@ -56,28 +58,35 @@ def schedule(writer: Writer, step: Step, topology: protocol.Topology) -> None:
         attempt=1 if step.kind == "task" else None,
         payload=step.payload,
         fire_at=step.fire_at,
+        options=dump_json(step.options) if step.options is not None else None,
     )
     if step.fire_at is not None:
         writer.defer(
             functools.partial(waits.add_timer, run_id=run.id, step=step.step, fire_at=step.fire_at)
         )
     if step.kind == "task":
-        _add_task_message(writer, step, topology)
+        add_task_message(writer, step, topology)
     elif step.kind == "child":
         _add_child_start(writer, step, topology)
 
 
-def _add_task_message(writer: Writer, step: Step, topology: protocol.Topology) -> None:
+def add_task_message(writer: Writer, step: Step, topology: protocol.Topology) -> None:
+    """Queue the message of the step's current attempt."""
     run = writer.run
     args, kwargs = serializer.decode(step.payload)
+    options = step.options or {}
     message = protocol.TaskMessage(
         run_id=run.id,
         workflow=run.workflow,
         step=step.step,
-        attempt=1,
+        attempt=step.attempt,
         task=step.name,
         args=tuple(args),
         kwargs=kwargs,
+        retry=options.get("retry"),
+        first_attempt=step.first_attempt,
+        timeout=options.get("timeout"),
+        heartbeat=options.get("heartbeat"),
     )
     writer.add_message(
         message.correlation_id,
@@ -282,10 +291,12 @@ def load_history(connection: Connection, run_id: str) -> History:
             HISTORY.c.error,
             HISTORY.c.fire_at,
             HISTORY.c.created_at,
+            HISTORY.c.attempt,
+            HISTORY.c.options,
         )
         .where(
             HISTORY.c.run_id == run_id,
-            HISTORY.c.kind.in_((*SCHEDULED_KINDS, *RESULT_KINDS, "event_handled")),
+            HISTORY.c.kind.in_((*SCHEDULED_KINDS, *RESULT_KINDS, *ATTEMPT_KINDS, "event_handled")),
         )
         .order_by(HISTORY.c.seq)
     )
@@ -306,8 +317,12 @@ def load_history(connection: Connection, run_id: str) -> History:
                     kind=kind,  # type: ignore[arg-type]
                     first=row.grouping == "first",
                     fire_at=row.fire_at,
+                    options=json.loads(row.options) if row.options else None,
                 )
             )
+        elif row.kind in ATTEMPT_KINDS:
+            if row.step in history.steps:
+                _apply_attempt_row(history.steps[row.step], row)
         elif row.kind == "event_handled":
             data = serializer.decode(row.payload) if row.payload else None
             history.handler_starts.append(HandlerStart(row.seq, row.name, data, row.created_at))
@@ -321,6 +336,18 @@ def hand_to_handler(writer: Writer, history: History, name: str, payload: bytes)
     writer.append("event_handled", name=name, payload=payload)
     start = HandlerStart(writer.run.revision, name, serializer.decode(payload), writer.now)
     history.handler_starts.append(start)
+
+
+def _apply_attempt_row(step: Step, row: Any) -> None:
+    step.attempt = row.attempt or step.attempt
+    if row.kind == "task_retry_scheduled":
+        step.retry_at = row.fire_at
+        return
+    step.retry_at = None
+    if row.grouping == "manual":
+        # A manual retry of a failed step: a new series of attempts, and no outcome yet.
+        step.first_attempt = step.attempt
+        step.outcome = None
 
 
 def _outcome_of(row: Any) -> Outcome:

@@ -58,6 +58,7 @@ HISTORY_COLUMNS = (
     "created_at",
     "grouping",
     "fire_at",
+    "options",
 )
 ATTEMPT_COLUMNS = (
     "run_id",

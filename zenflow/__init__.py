@@ -9,11 +9,13 @@ from zenflow import wait
 from zenflow.aioclient import AsyncClient
 from zenflow.client import Client, default_client
 from zenflow.commands import Event, First, TaskCall
-from zenflow.context import current_run, current_task, get_logger, now, random, uuid4
+from zenflow.context import current_run, current_task, get_logger, heartbeat, now, random, uuid4
 from zenflow.errors import (
+    AttemptCancelled,
     ConfigurationError,
     DefinitionError,
     NonDeterminismError,
+    NonRetryableError,
     RequestRejected,
     RunFailed,
     RunNotFound,
@@ -24,18 +26,22 @@ from zenflow.errors import (
     TransportError,
     ZenflowError,
 )
+from zenflow.retry import Retry, set_default_retry
 from zenflow.task import Task, TaskFunction, task
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction, workflow
 
 __all__ = [
     "AsyncClient",
+    "AttemptCancelled",
     "Client",
     "ConfigurationError",
     "DefinitionError",
     "Event",
     "First",
     "NonDeterminismError",
+    "NonRetryableError",
     "RequestRejected",
+    "Retry",
     "RunFailed",
     "RunNotFound",
     "RunTimeout",
@@ -54,8 +60,10 @@ __all__ = [
     "current_task",
     "default_client",
     "get_logger",
+    "heartbeat",
     "now",
     "random",
+    "set_default_retry",
     "task",
     "uuid4",
     "wait",

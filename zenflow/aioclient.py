@@ -169,6 +169,12 @@ class AsyncClient:
         """Resume a paused run; see :meth:`zenflow.Client.resume`."""
         return await self._call(build_control("resume", run, by, None), timeout, _persistent())
 
+    async def retry(
+        self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Run a failed run again from where it failed; see :meth:`zenflow.Client.retry`."""
+        return await self._call(build_control("retry", run, by, None), timeout, _persistent())
+
     async def get_run(
         self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0
     ) -> dict[str, Any]:

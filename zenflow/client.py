@@ -245,6 +245,23 @@ class Client:
         """
         return self._call(build_control("resume", run, by, None), timeout, _persistent())
 
+    def retry(
+        self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
+    ) -> dict[str, Any]:
+        """Run a failed run again from where it failed; its history stays.
+
+        If a task's failure ended the run, that step gets a new series of attempts under its
+        retry policy and the workflow goes on from there. If the workflow's code failed, it
+        is replayed with the code the engine runs now. The reply has the run's ``status``,
+        and the retried ``step`` and its new ``attempt`` when a task is retried.
+
+        Raises:
+            RunNotFound: no run has that id or business id.
+            RequestRejected: the run has not failed (code ``invalid_state``), or another
+                active run has its business id (code ``business_id_taken``).
+        """
+        return self._call(build_control("retry", run, by, None), timeout, _persistent())
+
     def get_run(
         self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0
     ) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import dataclasses
 import datetime as dt
 from typing import Any, Literal, NamedTuple
 
+from zenflow.retry import Retry
+
 Mode = Literal["execute", "dispatch"]
 
 
@@ -29,6 +31,11 @@ class TaskCall:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     mode: Mode = "execute"
+    # How the task runs, not what it does: replay does not compare these, so a deploy may
+    # change them for runs in progress. None takes the application's default retry policy.
+    retry: Retry | None = dataclasses.field(default=None, compare=False)
+    timeout: float | None = dataclasses.field(default=None, compare=False)  # seconds
+    heartbeat: float | None = dataclasses.field(default=None, compare=False)  # seconds
 
     def dispatch(self) -> TaskCall:
         """Return this call as fire-and-forget: the workflow does not wait for its result."""

@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import random as random_module
 import uuid as uuid_module
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -112,11 +113,30 @@ class TaskContext:
     step: int
     attempt: int
     task: str
+    # Set by the agent: called with the details of each heartbeat, and raising
+    # AttemptCancelled once the agent gave up on the attempt.
+    beat: Callable[[Any], None] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def idempotency_key(self) -> str:
         """A key that is the same for every attempt of this step of this run."""
         return f"{self.run_id}:{self.step}"
+
+
+def heartbeat(details: Any = None) -> None:
+    """Report that the running task attempt is alive and making progress.
+
+    A task with a ``heartbeat`` interval must call it at least that often. ``details``, if
+    given, must be encodable; the latest is shown by ``zenflow runs show``. Outside an
+    agent, as in a unit test that calls ``handle()`` directly, it does nothing.
+
+    Raises:
+        AttemptCancelled: the agent gave up on this attempt (it ran past its timeout); let
+            the error end the task.
+    """
+    context = _current_task.get()
+    if context is not None and context.beat is not None:
+        context.beat(details)
 
 
 _current_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(

@@ -59,6 +59,25 @@ class NonDeterminismError(ZenflowError):
         self.actual = actual
 
 
+class NonRetryableError(ZenflowError):
+    """Raised by task code for a failure that no retry can fix, such as a declined card.
+
+    The attempt fails and no further attempt runs, whatever the task's retry policy says.
+    Any exception with a true ``non_retryable`` attribute has the same effect.
+    """
+
+    non_retryable = True
+
+
+class AttemptCancelled(ZenflowError):
+    """Raised by :func:`zenflow.heartbeat` in a task attempt that the agent gave up on.
+
+    The agent gives up on an attempt that ran past its timeout. An ``async`` task is
+    cancelled at once; a sync task cannot be stopped from outside its thread, so its next
+    ``heartbeat()`` call raises this error to end it.
+    """
+
+
 class TaskFailed(ZenflowError):
     """A task raised an exception; raised inside the workflow at the task's ``yield``.
 

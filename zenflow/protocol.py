@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import json
+import math
 import re
 import reprlib
 import uuid
@@ -40,7 +41,7 @@ MAX_BUSINESS_ID_LENGTH = 255
 REQUEST_START = "start"
 REQUEST_GET_RUN = "get_run"
 REQUEST_EVENT = "event"
-CONTROL_ACTIONS = ("kill", "pause", "resume")
+CONTROL_ACTIONS = ("kill", "pause", "resume", "retry")
 REQUEST_TYPES = (REQUEST_START, REQUEST_GET_RUN, REQUEST_EVENT, *CONTROL_ACTIONS)
 
 # Policies of a start whose business id an active run already has: reject the request (the
@@ -468,6 +469,11 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def short_repr(value: Any, limit: int = 200) -> str:
+    """Return a shortened repr of a decoded value, safe on any value."""
+    return _short(value, limit)
+
+
 def new_run_id() -> str:
     return str(uuid.uuid4())
 
@@ -489,9 +495,15 @@ class TaskMessage:
     task: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    # The step's retry policy (Retry.to_wire), and the attempt that began the current
+    # series of attempts: 1, or the first attempt after a manual retry.
+    retry: dict[str, Any] | None = None
+    first_attempt: int = 1
+    timeout: float | None = None  # seconds an attempt may run
+    heartbeat: float | None = None  # seconds allowed between two heartbeat() calls
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "version": VERSION,
             "type": "task",
             "run_id": self.run_id,
@@ -502,6 +514,19 @@ class TaskMessage:
             "args": list(self.args),
             "kwargs": self.kwargs,
         }
+        if self.retry is not None:
+            body["retry"] = self.retry
+            body["first_attempt"] = self.first_attempt
+        if self.timeout is not None:
+            body["timeout"] = self.timeout
+        if self.heartbeat is not None:
+            body["heartbeat"] = self.heartbeat
+        return body
+
+    @property
+    def attempt_in_series(self) -> int:
+        """The attempt's number since the first attempt or the last manual retry, from 1."""
+        return max(1, self.attempt - self.first_attempt + 1)
 
     @property
     def correlation_id(self) -> str:
@@ -518,6 +543,10 @@ class TaskMessage:
             task=_require(fields, "task", str),
             args=tuple(_require(fields, "args", list)),
             kwargs=_require_kwargs(fields),
+            retry=fields["retry"] if isinstance(fields.get("retry"), dict) else None,
+            first_attempt=_counter_or(fields, "first_attempt", 1),
+            timeout=_positive_seconds(fields, "timeout"),
+            heartbeat=_positive_seconds(fields, "heartbeat"),
         )
 
 
@@ -535,9 +564,14 @@ class TaskResult:
     agent: str = ""
     started_at: float | None = None
     finished_at: float | None = None
+    # Of a failure: the error must not be retried; or the task's retry_delay hook decided
+    # the delay before the next attempt (retry_delay None: stop retrying).
+    non_retryable: bool = False
+    retry_decided: bool = False
+    retry_delay: float | None = None
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "version": VERSION,
             "type": "task_result",
             "run_id": self.run_id,
@@ -551,6 +585,11 @@ class TaskResult:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
+        if self.non_retryable:
+            body["non_retryable"] = True
+        if self.retry_decided:
+            body["retry_delay"] = self.retry_delay
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> TaskResult:
@@ -578,7 +617,59 @@ class TaskResult:
             agent=_CONTROL_CHARACTERS.sub("?", _text(fields.get("agent") or "")),
             started_at=_optional_number(fields, "started_at"),
             finished_at=_optional_number(fields, "finished_at"),
+            non_retryable=fields.get("non_retryable") is True,
+            retry_decided="retry_delay" in fields,
+            retry_delay=_optional_number(fields, "retry_delay"),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskHeartbeat:
+    """An agent's word that it still runs a task attempt, sent to the message's ``reply_to``.
+
+    The engine then expects the attempt's result or another heartbeat within ``lease``
+    seconds; after that it counts the attempt as lost and retries it per the step's policy.
+    """
+
+    run_id: str
+    step: int
+    attempt: int
+    agent: str
+    lease: float
+    details: Any = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "type": "task_heartbeat",
+            "run_id": self.run_id,
+            "step": self.step,
+            "attempt": self.attempt,
+            "agent": self.agent,
+            "lease": self.lease,
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> TaskHeartbeat:
+        fields = _require_map(body, "task_heartbeat")
+        lease = _positive_seconds(fields, "lease")
+        if lease is None:
+            raise InvalidMessage(
+                "invalid_field", "field 'lease' must be a positive number of seconds", "lease"
+            )
+        return cls(
+            run_id=_require_id(fields, "run_id"),
+            step=_require_counter(fields, "step"),
+            attempt=_require_counter(fields, "attempt"),
+            agent=_CONTROL_CHARACTERS.sub("?", _text(fields.get("agent") or ""))[:255],
+            lease=min(lease, MAX_LEASE_SECONDS),
+            details=fields.get("details"),
+        )
+
+
+# The longest lease an agent may ask for; a longer one is cut to this.
+MAX_LEASE_SECONDS = 3600.0
 
 
 # Steps and attempts are stored in 32-bit integer columns.
@@ -641,6 +732,20 @@ def _text(value: Any) -> str:
     or on ints with more than 4300 digits.
     """
     return value if isinstance(value, str) else _short(value)
+
+
+def _counter_or(fields: Mapping[str, Any], name: str, default: int) -> int:
+    if name not in fields:
+        return default
+    return _require_counter(fields, name)
+
+
+def _positive_seconds(fields: Mapping[str, Any], name: str) -> float | None:
+    """Return the field as seconds if it is a finite positive number, else None."""
+    value = _optional_number(fields, name)
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    return value
 
 
 def _optional_number(fields: Mapping[str, Any], name: str) -> float | None:

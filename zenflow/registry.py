@@ -44,6 +44,17 @@ class TaskDefinition:
         instance = self.target(*args, **kwargs)
         return instance.handle
 
+    def retry_hook(self, call: Callable[[], Any] | None) -> Callable[..., Any] | None:
+        """Return the task's ``retry_delay(error, attempt)`` hook, if it has one.
+
+        ``call`` is what :meth:`prepare` returned, which holds a class task's instance.
+        """
+        if isinstance(self.target, TaskFunction):
+            return self.target.retry_delay
+        instance = getattr(call, "__self__", None)
+        hook = getattr(instance, "retry_delay", None)
+        return hook if callable(hook) else None
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkflowDefinition:

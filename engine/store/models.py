@@ -135,8 +135,8 @@ class HistoryEntry(Base):
     seq: Mapped[int] = mapped_column(Integer)
     # run_started, task_scheduled, task_dispatched, child_started, child_dispatched,
     # timer_started, event_awaited, one of RESULT_KINDS, event_received, event_handled,
-    # result_ignored,
-    # run_paused, run_resumed, run_killed, run_completed, run_failed
+    # result_ignored, task_retry_scheduled, task_retried, task_failed_retried,
+    # run_paused, run_resumed, run_killed, run_completed, run_failed, run_retried
     kind: Mapped[str] = mapped_column(String(30))
     step: Mapped[int | None] = mapped_column(Integer)
     decision: Mapped[int | None] = mapped_column(Integer)
@@ -149,10 +149,17 @@ class HistoryEntry(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     grouping: Mapped[str | None] = mapped_column(String(10))  # "first" in a wait.first()
     fire_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # timers and timeouts
+    # JSON of a task step's retry policy, timeout and heartbeat interval.
+    options: Mapped[str | None] = mapped_column(Text)
 
 
 class Timer(Base):
-    """A durable timer: a timer step, or the timeout of an event wait."""
+    """A durable timer of a step: at most one row per step, reused by its later timers.
+
+    ``kind`` is ``wait`` for a timer step or an event wait's timeout, ``retry`` for the delay
+    before a task's next attempt and ``lease`` for the time by which a running attempt must
+    report again; ``detail`` is JSON of the lease's last heartbeat.
+    """
 
     __tablename__ = "timers"
     __table_args__ = (
@@ -166,6 +173,8 @@ class Timer(Base):
     fire_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     status: Mapped[str] = mapped_column(String(20))  # pending, fired or cancelled
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(10), server_default="wait")
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class EventRecord(Base):

@@ -14,11 +14,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, insert, select, update
 
-from engine.store.models import ACTIVE_STATUSES, EventRecord, Run, Timer
+from engine.store.models import ACTIVE_STATUSES, EventRecord, HistoryEntry, Run, Timer
 
 TIMERS: Table = Timer.__table__  # type: ignore[assignment]
 EVENTS: Table = EventRecord.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
+HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class DueTimer:
     run_id: str
     step: int
     fire_at: dt.datetime
+    kind: str = "wait"  # wait, retry or lease
+    detail: str | None = None  # JSON of a lease's last heartbeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,28 @@ def add_timer(connection: Connection, *, run_id: str, step: int, fire_at: dt.dat
     )
 
 
+def set_timer(
+    connection: Connection,
+    *,
+    run_id: str,
+    step: int,
+    fire_at: dt.datetime,
+    kind: str,
+    detail: str | None = None,
+) -> None:
+    """Set the step's timer, reusing its row: a task step's retries and leases share one."""
+    values = {"fire_at": fire_at, "status": "pending", "kind": kind, "detail": detail}
+    result = connection.execute(
+        update(TIMERS).where(TIMERS.c.run_id == run_id, TIMERS.c.step == step).values(**values)
+    )
+    if not result.rowcount:
+        connection.execute(
+            insert(TIMERS).values(
+                run_id=run_id, step=step, created_at=dt.datetime.now(dt.UTC), **values
+            )
+        )
+
+
 def cancel_timer(connection: Connection, *, run_id: str, step: int) -> None:
     connection.execute(
         update(TIMERS)
@@ -67,11 +92,14 @@ def cancel_timers(connection: Connection, *, run_id: str) -> int:
     return int(result.rowcount)
 
 
-def claim_timer(connection: Connection, timer_id: int) -> bool:
-    """Mark a pending timer fired; False if it was fired or cancelled meanwhile."""
+def claim_timer(connection: Connection, timer_id: int, fire_at: dt.datetime) -> bool:
+    """Mark a pending timer fired; False if it was fired, cancelled or moved meanwhile.
+
+    A heartbeat moves a lease's fire time forward; such a timer is no longer due.
+    """
     result = connection.execute(
         update(TIMERS)
-        .where(TIMERS.c.id == timer_id, TIMERS.c.status == "pending")
+        .where(TIMERS.c.id == timer_id, TIMERS.c.status == "pending", TIMERS.c.fire_at == fire_at)
         .values(status="fired")
     )
     return bool(result.rowcount)
@@ -79,12 +107,22 @@ def claim_timer(connection: Connection, timer_id: int) -> bool:
 
 def due_timers(connection: Connection, now: dt.datetime, limit: int) -> list[DueTimer]:
     rows = connection.execute(
-        select(TIMERS.c.id, TIMERS.c.run_id, TIMERS.c.step, TIMERS.c.fire_at)
+        select(
+            TIMERS.c.id,
+            TIMERS.c.run_id,
+            TIMERS.c.step,
+            TIMERS.c.fire_at,
+            TIMERS.c.kind,
+            TIMERS.c.detail,
+        )
         .where(TIMERS.c.status == "pending", TIMERS.c.fire_at <= now)
         .order_by(TIMERS.c.fire_at, TIMERS.c.id)
         .limit(limit)
     )
-    return [DueTimer(row.id, row.run_id, row.step, row.fire_at) for row in rows]
+    return [
+        DueTimer(row.id, row.run_id, row.step, row.fire_at, row.kind or "wait", row.detail)
+        for row in rows
+    ]
 
 
 def event_seen(connection: Connection, run_id: str, message_id: str) -> bool:
@@ -174,3 +212,16 @@ def run_with_business_id(connection: Connection, business_id: str) -> str | None
         .limit(1)
     ).first()
     return None if row is None else str(row.id)
+
+
+def mark_result_retried(connection: Connection, *, run_id: str, step: int) -> None:
+    """Keep a failed task result in history, but as one that a manual retry replaced."""
+    connection.execute(
+        update(HISTORY)
+        .where(
+            HISTORY.c.run_id == run_id,
+            HISTORY.c.step == step,
+            HISTORY.c.kind == "task_failed",
+        )
+        .values(kind="task_failed_retried")
+    )

@@ -536,8 +536,30 @@ def test_task_result_agent_defaults_to_empty() -> None:
 
 def test_task_result_fields_cover_body() -> None:
     names = {field.name for field in dataclasses.fields(TaskResult)}
-    body_keys = set(ok_result().to_body()) - {"version", "type"}
-    assert body_keys == names
+    result = dataclasses.replace(ok_result(), non_retryable=True, retry_decided=True)
+    body_keys = set(result.to_body()) - {"version", "type"}
+    # retry_decided is told by the presence of retry_delay.
+    assert body_keys == names - {"retry_decided"}
+
+
+def test_retry_fields_of_a_result_survive_the_round_trip() -> None:
+    result = dataclasses.replace(
+        ok_result(), ok=False, error={"type": "E", "message": "m", "traceback": ""}
+    )
+    for fields in (
+        {"non_retryable": True},
+        {"retry_decided": True, "retry_delay": 2.5},
+        {"retry_decided": True, "retry_delay": None},
+        {},
+    ):
+        sent = dataclasses.replace(result, **fields)
+        assert TaskResult.from_body(sent.to_body()) == sent
+
+
+def test_a_result_without_retry_fields_leaves_the_decision_to_the_policy() -> None:
+    body = ok_result().to_body()
+    parsed = TaskResult.from_body(body)
+    assert (parsed.non_retryable, parsed.retry_decided) == (False, False)
 
 
 # Hostile bodies at the public entry.
