@@ -473,7 +473,14 @@ def runs_show(
 ) -> None:
     """Show a run and the timeline of its history, with durations and errors."""
     from cli.render import run_document, run_timeline, to_json
-    from engine.store.queries import attempts_of, find_run, history_of, list_runs, view_run
+    from engine.store.queries import (
+        attempts_of,
+        find_run,
+        history_of,
+        list_runs,
+        timers_of,
+        view_run,
+    )
 
     with clear_errors(), _session(database_url) as session:
         run = find_run(session, run_id)
@@ -483,12 +490,13 @@ def runs_show(
         history = history_of(session, run.id)
         attempts = attempts_of(session, run.id)
         children = [view_run(child) for child in list_runs(session, parent_id=run.id, limit=1000)]
+        timers = timers_of(session, run.id)
         if as_json:
             document = run_document(view, history, attempts)
             document["children"] = [child.to_dict() for child in children]
             typer.echo(to_json(document))
         else:
-            typer.echo(run_timeline(view, history, attempts, children))
+            typer.echo(run_timeline(view, history, attempts, children, timers))
 
 
 RunReference = Annotated[str, typer.Argument(metavar="RUN", help="Run id or business id.")]

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from engine.store.models import RESULT_KINDS, Attempt, HistoryEntry
+from engine.store.models import RESULT_KINDS, Attempt, HistoryEntry, Timer
 from engine.store.queries import RunView, load_json
 from zenflow import protocol, serializer
 from zenflow.commands import describe_call, describe_rule
@@ -87,6 +87,7 @@ def run_timeline(
     history: list[HistoryEntry],
     attempts: list[Attempt],
     children: list[RunView] | None = None,
+    timers: list[Timer] | None = None,
 ) -> str:
     """Format a run's summary and the timeline of its history, with durations and errors."""
     lines = [f"run {run.run_id}", f"  workflow     {run.workflow}"]
@@ -117,8 +118,9 @@ def run_timeline(
     if run.status in ("running", "paused") and waiting:
         lines.append("")
         lines.append("waiting for")
+        leases = {timer.step: timer for timer in timers or () if timer.kind == "lease"}
         for entry in waiting:
-            lines.append(f"  {_describe_wait(entry)}")
+            lines.append(f"  {_describe_wait(entry, history, leases.get(entry.step or 0))}")
     if children:
         lines.append("")
         lines.append("children")
@@ -161,10 +163,12 @@ def waiting_steps(history: list[HistoryEntry]) -> list[HistoryEntry]:
     ]
 
 
-def _describe_wait(entry: HistoryEntry) -> str:
+def _describe_wait(
+    entry: HistoryEntry, history: list[HistoryEntry], lease: Timer | None = None
+) -> str:
     since = format_instant(entry.created_at)
     if entry.kind == "task_scheduled":
-        return f"step {entry.step} task {entry.name} on queue {entry.queue!r} since {since}"
+        return _describe_task_wait(entry, history, lease)
     if entry.kind == "child_started":
         return f"step {entry.step} child workflow {entry.name} since {since}"
     if entry.kind == "timer_started":
@@ -173,6 +177,32 @@ def _describe_wait(entry: HistoryEntry) -> str:
     if entry.fire_at is not None:
         text += f", timeout at {format_instant(entry.fire_at)}"
     return text
+
+
+def _describe_task_wait(
+    entry: HistoryEntry, history: list[HistoryEntry], lease: Timer | None
+) -> str:
+    """Say which attempt of a task step the run waits for, and where that attempt is."""
+    latest = entry
+    for later in history:
+        if later.step == entry.step and later.kind in ("task_retry_scheduled", "task_retried"):
+            latest = later
+    attempt = latest.attempt or 1
+    head = f"step {entry.step} task {entry.name} attempt {attempt}"
+    if latest.kind == "task_retry_scheduled":
+        return f"{head} failed; attempt {attempt + 1} due at {format_instant(latest.fire_at)}"
+    if lease is not None and lease.status == "pending":
+        detail = load_json(lease.detail) or {}
+        text = f"{head} running on {detail.get('agent') or 'an agent'}"
+        if detail.get("heartbeat_at"):
+            text += f", last heartbeat {detail['heartbeat_at']}"
+        if detail.get("details"):
+            text += f" ({detail['details']})"
+        return text + f", lease until {format_instant(lease.fire_at)}"
+    return (
+        f"{head} queued on {entry.queue!r} since {format_instant(latest.created_at)}; no "
+        "agent has reported it yet"
+    )
 
 
 def _event_names(entry: HistoryEntry) -> str:
@@ -211,13 +241,15 @@ def _describe_entry(
             f"step {step} failed     {names.get(step, entry.name)}: "
             f"{error.get('type')}: {error.get('message')}{suffix}"
         )
-    described = _describe_wait_entry(entry, names)
+    described = _describe_wait_entry(entry, names) or _describe_attempt_entry(
+        entry, names, attempts
+    )
     if described is not None:
         return described
     if kind == "result_ignored":
         reason = (load_json(entry.error) or {}).get("reason", "")
         return f"step {step} result ignored (attempt {entry.attempt}): {reason}"
-    if kind in ("run_paused", "run_resumed", "run_killed"):
+    if kind in ("run_paused", "run_resumed", "run_killed", "run_retried"):
         control = load_json(entry.error) or {}
         text = f"run {kind.removeprefix('run_')} by {control.get('by') or 'unknown'}"
         if control.get("reason"):
@@ -274,11 +306,42 @@ def _describe_wait_entry(entry: HistoryEntry, names: dict[int, str]) -> str | No
     return None
 
 
+def _describe_attempt_entry(
+    entry: HistoryEntry, names: dict[int, str], attempts: dict[tuple[int, int], Attempt]
+) -> str | None:
+    """Describe the retries of a task step: failed attempts, delays and new attempts."""
+    kind, step = entry.kind, entry.step or 0
+    name = names.get(step, entry.name)
+    if kind == "task_retry_scheduled":
+        error = load_json(entry.error) or {}
+        suffix = _attempt_summary(attempts.get((step, entry.attempt or 1)))
+        delay = ""
+        if entry.fire_at is not None:
+            seconds = (entry.fire_at - entry.created_at).total_seconds()
+            delay = f"; retry in {format_duration(seconds)}"
+        return (
+            f"step {step} attempt {entry.attempt} failed: {name}: {error.get('type')}: "
+            f"{error.get('message')}{suffix}{delay}"
+        )
+    if kind == "task_retried":
+        manual = " (manual retry, a new series of attempts)" if entry.grouping == "manual" else ""
+        return f"step {step} attempt {entry.attempt} sent for {name}{manual}"
+    if kind == "task_failed_retried":
+        error = load_json(entry.error) or {}
+        return (
+            f"step {step} failed     {name}: {error.get('type')}: {error.get('message')} "
+            "(then retried by hand)"
+        )
+    return None
+
+
 def _attempt_summary(attempt: Attempt | None) -> str:
     """Describe where and how long an attempt ran, and how long it waited in its queue."""
     if attempt is None:
         return ""
     parts = []
+    if attempt.attempt > 1:
+        parts.append(f"attempt {attempt.attempt}")
     if attempt.started_at is not None and attempt.finished_at is not None:
         ran = (attempt.finished_at - attempt.started_at).total_seconds()
         parts.append(f"ran {format_duration(ran)}")

@@ -65,6 +65,7 @@ class Step:
     first_attempt: int = 1
     retry_at: dt.datetime | None = None
     leased: bool = False  # an agent sent a heartbeat for an attempt
+    sent_at: dt.datetime | None = None  # when the current attempt, after the first, was sent
 
     def describe(self) -> str:
         if self.kind == "timer":

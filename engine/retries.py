@@ -96,6 +96,7 @@ def start_attempt(
     if manual:
         step.first_attempt = step.attempt
     step.retry_at = None
+    step.sent_at = writer.now
     writer.append(
         "task_retried",
         step=step.step,

@@ -195,7 +195,7 @@ def add_attempt(writer: Writer, result: protocol.TaskResult, step: Step) -> None
         queue=step.queue,
         status="completed" if result.ok else "failed",
         agent=result.agent[:255] or None,
-        queued_at=step.scheduled_at or writer.now,
+        queued_at=step.sent_at or step.scheduled_at or writer.now,
         started_at=_from_epoch(result.started_at),
         finished_at=_from_epoch(result.finished_at) or writer.now,
         error=dump_json(result.error) if not result.ok else None,
@@ -344,6 +344,7 @@ def _apply_attempt_row(step: Step, row: Any) -> None:
         step.retry_at = row.fire_at
         return
     step.retry_at = None
+    step.sent_at = row.created_at
     if row.grouping == "manual":
         # A manual retry of a failed step: a new series of attempts, and no outcome yet.
         step.first_attempt = step.attempt

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from engine.store.models import ACTIVE_STATUSES, Attempt, HistoryEntry, Run
+from engine.store.models import ACTIVE_STATUSES, Attempt, HistoryEntry, Run, Timer
 from zenflow import serializer
 from zenflow.errors import SerializationError
 
@@ -155,6 +155,11 @@ def attempts_of(session: Session, run_id: str) -> list[Attempt]:
         select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.step, Attempt.attempt)
     )
     return list(session.scalars(statement))
+
+
+def timers_of(session: Session, run_id: str) -> list[Timer]:
+    """Return the run's timer rows: waits, retry delays and leases, one per step."""
+    return list(session.scalars(select(Timer).where(Timer.run_id == run_id).order_by(Timer.step)))
 
 
 def load_json(text: str | None) -> dict[str, Any] | None:

@@ -194,6 +194,15 @@ class Long(Task):
         return f"ran {self.seconds} s as execution {count}"
 
 
+class Unheard(Task):
+    """A task on a queue that the tests' usual agent does not consume."""
+
+    queue = "unheard"
+
+    def handle(self) -> str:
+        return "heard at last"
+
+
 TASKS = {
     cls.__name__: cls
     for cls in (
@@ -207,6 +216,7 @@ TASKS = {
         SlowSync,
         Silent,
         Long,
+        Unheard,
     )
 }
 

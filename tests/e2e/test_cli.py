@@ -438,7 +438,8 @@ def test_runs_show_waiting_run(cli_cluster: Cluster, recorded: RecordedRuns) -> 
     assert re.search(r"^\s+status\s+running$", text, re.MULTILINE), text
     assert "\nwaiting for\n" in text
     assert re.search(
-        rf"^\s+step 1 task Unconsumed on queue '{UNCONSUMED_QUEUE}' since .* UTC$",
+        rf"^\s+step 1 task Unconsumed attempt 1 queued on '{UNCONSUMED_QUEUE}' since .* UTC; "
+        "no agent has reported it yet$",
         text,
         re.MULTILINE,
     ), text

@@ -20,6 +20,7 @@ from tests.support import (
     cluster_of,
     count_kind,
     history_kinds,
+    queue_depth,
     result_of,
     start,
     utc,
@@ -40,7 +41,7 @@ def cluster(
     folder = tmp_path_factory.mktemp(f"retries-{request.param}")
     with cluster_of(folder, str(request.param), "failures") as running:
         running.start_engine()
-        running.start_agent("--concurrency", "4")
+        running.start_agent("--concurrency", "4", "--queue", "failures")
         yield running
 
 
@@ -98,6 +99,39 @@ def test_retries_wait_the_backoff_delays_and_stop_after_the_last_attempt(
     assert count_kind(cluster, run_id, "task_retried") == 3
     assert count_kind(cluster, run_id, "task_failed") == 1
     assert_one_result_per_step(cluster, run_id)
+
+
+def test_runs_show_lists_each_attempt_its_error_and_the_delay(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run_id = start(cluster, "attempt", "FlakyTwice", str(tmp_path / "show.trace"))
+    result_of(cluster, run_id)
+
+    shown = cluster.zenflow("runs", "show", run_id)
+
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    failed = [line for line in lines if "failed: FlakyTwice: ConnectionError" in line]
+    assert len(failed) == 2
+    assert "attempt 1 failed" in failed[0] and "flaky failure number 1" in failed[0]
+    assert "retry in 200 ms" in failed[0]
+    assert any("step 1 attempt 2 sent for FlakyTwice" in line for line in lines)
+    assert any("completed  FlakyTwice" in line and "attempt 3" in line for line in lines)
+
+
+def test_a_task_whose_queue_has_no_agent_waits_durably_and_says_where(
+    cluster: Cluster,
+) -> None:
+    run_id = start(cluster, "attempt", "Unheard")
+    wait_for_kind(cluster, run_id, "task_scheduled")
+
+    shown = cluster.zenflow("runs", "show", run_id)
+
+    assert "step 1 task Unheard attempt 1 queued on 'unheard' since" in shown.stdout
+    assert "no agent has reported it yet" in shown.stdout
+    wait_until(lambda: queue_depth(cluster.namespace, "tasks.unheard") == 1, 10)
+    cluster.start_agent("--queue", "unheard")
+    assert result_of(cluster, run_id) == {"value": "heard at last"}
 
 
 def test_a_flaky_task_succeeds_at_its_third_attempt(cluster: Cluster, tmp_path: Path) -> None:
