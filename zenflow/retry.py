@@ -5,7 +5,7 @@ A policy is set per task (``retry = Retry(...)`` on a :class:`~zenflow.Task` cla
 Without either, a task runs once and its failure reaches the workflow's ``yield`` at once.
 
 The engine resolves the policy when the workflow yields the task, records it with the step and
-sends it with every attempt. The agent tells whether an error may be retried (see
+sends it with every attempt. The agent reports whether an error may be retried (see
 ``non_retryable``) and asks the task's ``retry_delay`` hook, if it has one. The engine then
 decides, and waits for the delay with a durable timer, so a retry that is due while the engine
 is down happens after its restart with the attempt count kept.
@@ -32,10 +32,10 @@ class Retry:
     """A retry policy.
 
     Parameters:
-        attempts: the most attempts in all, the first one included; 1 means no retry.
+        attempts: the maximum number of attempts, the first one included. 1 means no retry.
         initial: the delay before the second attempt.
         backoff: the factor that multiplies the delay after each further failure.
-        max_delay: the longest delay between two attempts.
+        max_delay: the maximum delay between two attempts.
         non_retryable: exception classes (or their names, such as ``"ValueError"`` or
             ``"billing.errors.CardDeclined"``) that are never retried, subclasses included.
 
@@ -147,11 +147,11 @@ def is_non_retryable(error: BaseException, names: Iterable[str]) -> bool:
     """
     if getattr(error, "non_retryable", False) is True:
         return True
-    wanted = set(names)
-    if not wanted:
+    expected = set(names)
+    if not expected:
         return False
     for kind in type(error).__mro__:
-        if kind.__name__ in wanted or _type_name(kind) in wanted:
+        if kind.__name__ in expected or _type_name(kind) in expected:
             return True
     return False
 
