@@ -609,7 +609,10 @@ def runs_retry(
         bool, typer.Option("--yes", "-y", help="With --workflow: do not ask for confirmation.")
     ] = False,
     limit: Annotated[
-        int, typer.Option(help="With --workflow: the maximum number of runs to retry.", min=1, max=100_000)
+        int,
+        typer.Option(
+            help="With --workflow: the maximum number of runs to retry.", min=1, max=100_000
+        ),
     ] = 1000,
     timeout: ControlTimeout = 30.0,
     amqp_url: AmqpUrl = None,
