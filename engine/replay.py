@@ -617,16 +617,23 @@ def _describe_decision(steps: list[Step], grouping: Grouping) -> str:
     return described or "no command"
 
 
-def task_options(call: TaskCall) -> dict[str, Any]:
-    """Return how a task step runs: its retry policy (or the default), timeout, heartbeat."""
+def task_options(call: TaskCall) -> dict[str, Any] | None:
+    """Return how a task step runs: its retry policy (or the default), timeout, heartbeat.
+
+    A task that runs once with no limits, the most common case, returns None, so its step
+    and its message carry nothing more than before retries existed.
+    """
     if call.retry is not None and not isinstance(call.retry, Retry):
         raise DefinitionError(f"task {call.name}: invalid retry {call.retry!r}; use zenflow.Retry")
-    options: dict[str, Any] = {"retry": (call.retry or default_retry()).to_wire()}
+    options: dict[str, Any] = {}
+    policy = call.retry or default_retry()
+    if policy.attempts > 1:
+        options["retry"] = policy.to_wire()
     for name in ("timeout", "heartbeat"):
         value = getattr(call, name)
         if value is not None:
             options[name] = seconds_of(value, name, f"task {call.name}")
-    return options
+    return options or None
 
 
 def child_run_id(parent_run_id: str, step: int) -> str:
