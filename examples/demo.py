@@ -20,8 +20,8 @@ from shop import OrderWorkflow
 from zenflow import Client, RunFailed, RunTimeout
 
 ORDERS = [
-    ("A-100", ["book", "pen"], Decimal("42.50")),  # delivered: the carrier's event arrives
-    ("A-101", ["lamp"], Decimal("4999.00")),  # card declined: stock released
+    ("A-100", ["book", "pen"], Decimal("42.50")),  # charged at the 2nd attempt, then delivered
+    ("A-101", ["lamp"], Decimal("4999.00")),  # card declined, not retried: stock released
     ("A-102", ["book", "unobtainium"], Decimal("30.00")),  # packing fails: refunded
     ("A-103", ["mug", "tea", "spoon"], Decimal("18.20")),  # shipped, no event: reminder
 ]

@@ -13,7 +13,7 @@ import time
 from datetime import timedelta
 from decimal import Decimal
 
-from zenflow import Task, TaskFailed, Workflow, task, wait
+from zenflow import Retry, Task, TaskFailed, Workflow, current_task, task, wait
 
 # Amounts above this are declined by the fake payment provider.
 CARD_LIMIT = Decimal("1000.00")
@@ -43,6 +43,9 @@ class ReserveStock(Task):
 
 class ChargeCard(Task):
     queue = "payments"
+    # A gateway timeout is worth retrying; a declined card is not.
+    retry = Retry(attempts=3, initial=timedelta(milliseconds=200), non_retryable=(CardDeclined,))
+    timeout = timedelta(seconds=10)
 
     def __init__(self, order_id: str, amount: Decimal) -> None:
         self.order_id = order_id
@@ -50,6 +53,10 @@ class ChargeCard(Task):
 
     async def handle(self) -> dict[str, object]:
         await asyncio.sleep(0.05)  # a call to the payment provider
+        attempt = current_task()
+        if self.order_id == "A-100" and attempt is not None and attempt.attempt == 1:
+            # The fake provider times out once, so the example shows a retry.
+            raise ConnectionError("the payment gateway timed out")
         if self.amount > CARD_LIMIT:
             raise CardDeclined(f"card declined for {self.amount} (limit {CARD_LIMIT})")
         return {"charge_id": f"ch_{self.order_id}", "amount": self.amount}
