@@ -228,7 +228,10 @@ class Transactions:
                 assert finished.error is not None
                 self._fail(writer, finished.error)
             has_timers = any(
-                step.fire_at is not None or step.attempt > 1 or step.leased
+                step.fire_at is not None
+                or step.retry_at is not None
+                or step.attempt > 1
+                or step.leased
                 for step in execution.history.steps.values()
             )
             self._finished(writer, effects, has_timers=has_timers)
