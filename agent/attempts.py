@@ -110,23 +110,33 @@ def retry_advice(
     number of seconds or ``None``, the policy decides and a warning says why.
     """
     names = (attempt.message.retry or {}).get("non_retryable") or ()
-    if is_non_retryable(error, [str(name) for name in names]):
+    if not isinstance(names, list | tuple):
+        names = ()  # a malformed policy in the message: the engine's policy still applies
+    if is_non_retryable(error, [name for name in names if isinstance(name, str)]):
         return {"non_retryable": True}
     if hook is None:
         return {}
     try:
         delay = hook(error, attempt.message.attempt_in_series)
+        seconds = _hook_seconds(delay)
     except Exception as hook_error:
         log.warning("retry_delay_failed", error=_aio.describe(hook_error))
         return {}
+    if seconds is False:
+        log.warning("retry_delay_ignored", returned=protocol.short_repr(delay, 60))
+        return {}
+    return {"retry_decided": True, "retry_delay": seconds}
+
+
+def _hook_seconds(delay: Any) -> float | None | bool:
+    """Return a hook's delay in seconds, None to stop, or False if it is not a delay."""
     if delay is None:
-        return {"retry_decided": True, "retry_delay": None}
+        return None
     if isinstance(delay, dt.timedelta):
-        return {"retry_decided": True, "retry_delay": max(delay.total_seconds(), 0.0)}
+        return max(delay.total_seconds(), 0.0)
     if isinstance(delay, int | float) and not isinstance(delay, bool):
-        return {"retry_decided": True, "retry_delay": max(float(delay), 0.0)}
-    log.warning("retry_delay_ignored", returned=protocol.short_repr(delay, 60))
-    return {}
+        return max(float(delay), 0.0)  # float() of a huge int raises OverflowError
+    return False
 
 
 class Prefetch:

@@ -618,7 +618,7 @@ class TaskResult:
             started_at=_optional_number(fields, "started_at"),
             finished_at=_optional_number(fields, "finished_at"),
             non_retryable=fields.get("non_retryable") is True,
-            retry_decided="retry_delay" in fields,
+            retry_decided=_is_retry_delay(fields),
             retry_delay=_optional_number(fields, "retry_delay"),
         )
 
@@ -732,6 +732,14 @@ def _text(value: Any) -> str:
     or on ints with more than 4300 digits.
     """
     return value if isinstance(value, str) else _short(value)
+
+
+def _is_retry_delay(fields: Mapping[str, Any]) -> bool:
+    """Return whether a result carries a task's retry decision: seconds, or None to stop."""
+    if "retry_delay" not in fields:
+        return False
+    value = fields["retry_delay"]
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def _counter_or(fields: Mapping[str, Any], name: str, default: int) -> int:

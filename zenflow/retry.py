@@ -76,8 +76,13 @@ class Retry:
             )
         if isinstance(self.non_retryable, str | type):
             object.__setattr__(self, "non_retryable", (self.non_retryable,))
-        else:
+        elif isinstance(self.non_retryable, tuple | list | set | frozenset):
             object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
+        else:
+            raise DefinitionError(
+                f"invalid non_retryable {self.non_retryable!r}: use a tuple of exception "
+                "classes or their names"
+            )
         for kind in self.non_retryable:
             if isinstance(kind, str) and kind:
                 continue
@@ -91,7 +96,10 @@ class Retry:
         """Return the delay after failed attempt number ``attempt``, or None after the last."""
         if attempt >= self.attempts:
             return None
-        seconds = self.initial.total_seconds() * self.backoff ** min(attempt - 1, 1000)
+        try:
+            seconds = self.initial.total_seconds() * self.backoff ** (attempt - 1)
+        except OverflowError:
+            return self.max_delay
         return min(dt.timedelta(seconds=min(seconds, MAX_DELAY.total_seconds())), self.max_delay)
 
     def to_wire(self) -> dict[str, Any]:
@@ -107,13 +115,18 @@ class Retry:
     @classmethod
     def from_wire(cls, fields: Mapping[str, Any]) -> Retry:
         """Build a policy from :meth:`to_wire`'s map; raise DefinitionError if it is invalid."""
+        names = fields.get("non_retryable") or ()
+        if isinstance(names, str):
+            names = (names,)
+        if not isinstance(names, list | tuple):
+            raise DefinitionError(f"invalid non_retryable {names!r}: use a list of names")
         try:
             return cls(
                 attempts=fields["attempts"],
                 initial=dt.timedelta(seconds=float(fields["initial"])),
                 backoff=fields["backoff"],
                 max_delay=dt.timedelta(seconds=float(fields["max_delay"])),
-                non_retryable=tuple(str(name) for name in fields.get("non_retryable") or ()),
+                non_retryable=tuple(str(name) for name in names),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise DefinitionError(f"invalid retry policy {dict(fields)!r}: {error}") from None
@@ -145,13 +158,17 @@ def is_non_retryable(error: BaseException, names: Iterable[str]) -> bool:
     A name matches the class of the error or of one of its bases, by its bare name or by its
     module-qualified name.
     """
-    if getattr(error, "non_retryable", False) is True:
-        return True
+    try:
+        if bool(getattr(error, "non_retryable", False)):
+            return True
+    except Exception:  # a property of user code that raises counts as not set
+        pass
     expected = set(names)
     if not expected:
         return False
     for kind in type(error).__mro__:
-        if kind.__name__ in expected or _type_name(kind) in expected:
+        qualified = f"{kind.__module__}.{kind.__qualname__}"
+        if kind.__name__ in expected or qualified in expected:
             return True
     return False
 

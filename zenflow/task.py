@@ -85,6 +85,12 @@ class Task:
         cls.task_name = validate_name(cls.__dict__.get("task_name", cls.__name__), cls.__qualname__)
         validate_queue_name(cls.queue, cls.__qualname__)
         validate_options(cls.retry, cls.timeout, cls.heartbeat, cls.__qualname__)
+        hook = cls.__dict__.get("retry_delay")
+        if hook is not None and not callable(hook):
+            raise DefinitionError(
+                f"invalid retry_delay {hook!r} for {cls.__qualname__}: define a method "
+                "retry_delay(self, error, attempt) that returns a timedelta or None"
+            )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Task:
         instance = super().__new__(cls)
