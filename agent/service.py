@@ -7,9 +7,12 @@ cannot start at once.
 
 A task message is acknowledged only after its result was confirmed by RabbitMQ. If the
 agent dies before that, RabbitMQ delivers the message again and the task runs again; the
-engine ignores the second result for the step. An attempt that runs longer than
-``ack_after`` is handed over to the engine's lease instead (see :mod:`agent.attempts`), so
-that RabbitMQ's acknowledgement timeout never closes the channel under a long task.
+engine ignores the second result for the step. A result that RabbitMQ did not confirm is
+published again, also across a reconnect. When a lost connection makes RabbitMQ deliver
+the task message again, the agent does not run the task again if it already published the
+result (see :mod:`agent.ledger`). An attempt that runs longer than ``ack_after`` is handed
+over to the engine's lease instead (see :mod:`agent.attempts`), so that RabbitMQ's
+acknowledgement timeout never closes the channel under a long task.
 
 A task's ``timeout`` and ``heartbeat`` interval are enforced here: the attempt fails with
 ``TaskTimeout`` or ``TaskHeartbeatTimeout``, an ``async`` task is cancelled, and a sync task's
@@ -37,6 +40,7 @@ import aiormq.exceptions
 import structlog
 
 from agent.attempts import Prefetch, RunningAttempt, retry_advice
+from agent.ledger import ResultLedger
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings
 from zenflow.context import TaskContext, set_current_task
@@ -45,6 +49,10 @@ from zenflow.registry import Registry, TaskDefinition
 from zenflow.task import validate_queue_name
 
 log = structlog.get_logger("agent")
+
+# Seconds during which the agent retries a result that RabbitMQ did not confirm (connection
+# lost, nack, no confirm). After that the task message is requeued and runs again.
+RESULT_PUBLISH_TIMEOUT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +100,13 @@ class AgentService:
             )
         self._in_flight: set[asyncio.Task[Any]] = set()
         self.stopping = False
-        self.stats = {"completed": 0, "failed": 0, "rejected": 0}
+        self.ledger = ResultLedger()
+        self._stop = asyncio.Event()
+        self.stats = {"completed": 0, "failed": 0, "rejected": 0, "redeliveries_skipped": 0}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish running tasks, publish, and close."""
+        self._stop = stop
         # Twice the concurrency: the thread of a sync task that ran past its timeout may go
         # on running, and must not keep the next tasks from starting.
         executor = ThreadPoolExecutor(
@@ -103,7 +114,7 @@ class AgentService:
         )
         self.executor = executor
         connection = await _aio.connect(
-            self.settings.amqp_url, name=f"zenflow agent {self.identity}"
+            self.settings.amqp_url, name=f"zenflow agent {self.identity}", log=log
         )
         try:
             self.publish_channel = await connection.channel(
@@ -124,10 +135,9 @@ class AgentService:
                     consumers.append((queue, await queue.consume(self._tracked)))
 
             async def cancel() -> None:
-                while consumers:
-                    queue, tag = consumers.pop()
-                    with contextlib.suppress(*_aio.CONNECTION_ERRORS):
-                        await queue.cancel(tag)
+                cancelled = list(consumers)
+                consumers.clear()
+                await _aio.cancel_consumers(cancelled)
 
             self.prefetch = Prefetch(consume_channel, self.options.concurrency, consume, cancel)
             await consume()
@@ -179,6 +189,10 @@ class AgentService:
             "task": task_message.task,
         }
         with structlog.contextvars.bound_contextvars(**context):
+            if message.redelivered and await self._already_published(task_message):
+                with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                    await message.ack()
+                return
             attempt = RunningAttempt(task_message, message)
             result = await self._execute(attempt)
             if attempt.handed_over:
@@ -388,6 +402,16 @@ class AgentService:
             finished_at=time.time(),
         )
 
+    async def _already_published(self, message: protocol.TaskMessage) -> bool:
+        """Return whether this agent published a result of the message's attempt, which
+        RabbitMQ confirmed, before the message was delivered again."""
+        key = (message.run_id, message.step, message.attempt)
+        if not await self.ledger.confirmed(key):
+            return False
+        self.stats["redeliveries_skipped"] += 1
+        log.info("redelivered_task_skipped", reason="its result was already published")
+        return True
+
     async def _publish_result(
         self,
         message: aio_pika.abc.AbstractIncomingMessage,
@@ -395,6 +419,8 @@ class AgentService:
         *,
         requeue: bool = True,
     ) -> bool:
+        """Publish a result until RabbitMQ confirms it; return False if the task message
+        was requeued instead, because the result could not be published."""
         assert message.reply_to is not None
         reply = aio_pika.Message(
             self._encode(result),
@@ -403,14 +429,24 @@ class AgentService:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type="task_result",
         )
+        outcome = self.ledger.begin((result.run_id, result.step, result.attempt))
+        confirmed = False
         try:
-            await self.publish_channel.default_exchange.publish(
-                reply, message.reply_to, mandatory=True
+            attempts = await _aio.publish_confirmed(
+                self.publish_channel,
+                self.publish_channel.default_exchange,
+                reply,
+                message.reply_to,
+                deadline=time.monotonic() + RESULT_PUBLISH_TIMEOUT,
+                on_returned=functools.partial(self._redeclare_results_queue, message.reply_to),
+                on_retry=_log_result_retry,
+                stop=self._stop,
             )
-        except aiormq.exceptions.DeliveryError as error:
+            confirmed = True
+        except aiormq.exceptions.PublishError as error:
             # The broker routed the result to no queue, because the reply queue named by the
-            # task message does not exist. Delivering the task again would fail the same way,
-            # so the message is dropped.
+            # task message does not exist and is not this namespace's results queue.
+            # Delivering the task again would fail the same way, so the message is dropped.
             log.error("result_unroutable", reply_to=message.reply_to, error=_aio.describe(error))
             return True
         except _aio.CONNECTION_ERRORS as error:
@@ -419,6 +455,24 @@ class AgentService:
                 with contextlib.suppress(*_aio.CONNECTION_ERRORS):
                     await message.nack(requeue=True)
             return False
+        finally:
+            if not outcome.done():
+                outcome.set_result(confirmed)
+        if attempts > 1:
+            log.info("result_publish_retried", attempts=attempts)
+        return True
+
+    async def _redeclare_results_queue(self, reply_to: str) -> bool:
+        """Declare the results queue again after RabbitMQ returned a result for it. Return
+        True, so that the result is published again, only for the namespace's own results
+        queue."""
+        if reply_to != self.topology.results_queue:
+            return False
+        log.warning("result_returned", reply_to=reply_to)
+        with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+            await asyncio.wait_for(
+                self.publish_channel.declare_queue(reply_to, durable=True), _aio.CONFIRM_TIMEOUT
+            )
         return True
 
     def _encode(self, result: protocol.TaskResult) -> bytes:
@@ -466,6 +520,12 @@ class AgentService:
             await self._publish_result(message, result)
         with contextlib.suppress(*_aio.CONNECTION_ERRORS):
             await message.ack()
+
+
+def _log_result_retry(error: BaseException, attempt: int) -> None:
+    # Only the first failure of a result is logged. result_publish_retried counts the others.
+    if attempt == 1:
+        log.warning("result_publish_retrying", error=_aio.describe(error))
 
 
 def _run_sync(definition: TaskDefinition, attempt: RunningAttempt) -> Any:

@@ -40,10 +40,12 @@ class RunControl(Transactions):
             assert found is not None
             run, execution, history = found
             effects = Effects(run_id=run.id, reply={"run_id": run.id})
-            _require_active(run, "send an event to")
+            # Before the status check: a client sends an event again when its connection
+            # broke before the reply, and the first copy may have ended the run.
             if message_id is not None and waits.event_seen(connection, run.id, message_id):
                 effects.duplicate = True
                 return effects
+            _require_active(run, "send an event to")
             writer = Writer(connection, self.sql, run, self.now(), new=False)
             writer.append("event_received", name=request.name, payload=payload)
             target = _first_wait_for(history, request.name)

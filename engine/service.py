@@ -5,8 +5,8 @@ Message handling, for each delivery:
 1. decode and validate (invalid messages are acknowledged, logged and, if the sender asked
    for a reply, answered with an error; they are never requeued);
 2. run the transaction in a worker thread (:mod:`engine.processor`);
-3. publish the committed outbox messages with publisher confirms, then the reply and the
-   run-finished notification;
+3. publish the committed outbox messages with publisher confirms, retrying those that
+   RabbitMQ did not confirm, then the reply and the run-finished notification;
 4. acknowledge the delivery.
 
 A crash at any point repeats at most the work after the last commit: a redelivered start
@@ -58,6 +58,9 @@ T = TypeVar("T")
 OUTBOX_FLUSH_INTERVAL = 0.1
 OUTBOX_SWEEP_INTERVAL = 5.0
 OUTBOX_SWEEP_MIN_AGE = 10.0
+# Seconds during which the engine retries an outbox message that RabbitMQ did not confirm
+# (connection lost, nack, no confirm, returned). After that, the sweeper publishes it.
+OUTBOX_PUBLISH_TIMEOUT = 30.0
 # An event or a control request can overtake the start of its run, because the engine
 # handles requests concurrently. Such a request naming an unknown run is requeued for this
 # many seconds before the engine replies that the run was not found.
@@ -105,12 +108,14 @@ class EngineService:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._unknown_runs: dict[str, float] = {}  # message id: first not found
         self._lock_file: IO[str] | None = None
+        self._stop = asyncio.Event()
         self.stats = {"runs_started": 0, "results": 0, "duplicates": 0, "rejected": 0}
 
     # Lifecycle.
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain in-flight messages and close."""
+        self._stop = stop
         self._open_store()
         try:
             await self._serve(stop)
@@ -174,7 +179,7 @@ class EngineService:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         connection = await _aio.connect(
-            self.settings.amqp_url, name=f"zenflow engine {self.identity}"
+            self.settings.amqp_url, name=f"zenflow engine {self.identity}", log=log
         )
         try:
             self.publish_channel = await connection.channel(
@@ -210,8 +215,7 @@ class EngineService:
             await stop.wait()
 
             log.info("engine_stopping", in_flight=len(self._in_flight))
-            await requests.cancel(request_tag)
-            await results.cancel(result_tag)
+            await _aio.cancel_consumers([(requests, request_tag), (results, result_tag)])
             await self._drain()
             for task in background:
                 task.cancel()
@@ -582,16 +586,27 @@ class EngineService:
             await self._notify_finished(effects.finished)
 
     async def _publish_outbox_row(self, row: OutgoingMessage) -> None:
+        """Publish an outbox row and note it as confirmed once RabbitMQ confirmed it.
+
+        A row that RabbitMQ did not confirm (connection lost, nack, no queue) is retried for
+        ``OUTBOX_PUBLISH_TIMEOUT`` seconds, then left to the sweeper.
+        """
         self._publishing_outbox.add(row.id)
         try:
-            if row.routing_key not in self._declared_queues:
-                await self.publish_channel.declare_queue(row.routing_key, durable=True)
-                self._declared_queues.add(row.routing_key)
+            deadline = time.monotonic() + OUTBOX_PUBLISH_TIMEOUT
             message = aio_pika.Message(
                 row.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **row.properties
             )
-            await self.publish_channel.default_exchange.publish(
-                message, row.routing_key, mandatory=True
+            await self._declare_queue(row.routing_key, deadline)
+            attempts = await _aio.publish_confirmed(
+                self.publish_channel,
+                self.publish_channel.default_exchange,
+                message,
+                row.routing_key,
+                deadline=deadline,
+                on_returned=functools.partial(self._redeclare_queue, row.routing_key, deadline),
+                on_retry=functools.partial(_log_publish_retry, row),
+                stop=self._stop,
             )
         except Exception as error:
             # The sweeper publishes the row again, once the connection is back.
@@ -606,7 +621,30 @@ class EngineService:
         finally:
             self._publishing_outbox.discard(row.id)
         self.processor.outbox.confirm([row.id])
+        if attempts > 1:
+            log.info("publish_retried", run_id=row.run_id, queue=row.routing_key, attempts=attempts)
         log.debug("task_published", run_id=row.run_id, queue=row.routing_key)
+
+    async def _declare_queue(self, name: str, deadline: float) -> None:
+        if name in self._declared_queues:
+            return
+        # A robust channel waits for its connection to come back, so the wait is bounded.
+        # A failed declare is not final: RabbitMQ returns a message for a missing queue, and
+        # the publish then declares the queue again.
+        timeout = max(0.0, min(deadline - time.monotonic(), _aio.CONFIRM_TIMEOUT))
+        try:
+            await asyncio.wait_for(self.publish_channel.declare_queue(name, durable=True), timeout)
+        except _aio.CONNECTION_ERRORS:
+            return
+        self._declared_queues.add(name)
+
+    async def _redeclare_queue(self, name: str, deadline: float) -> bool:
+        """Declare a queue again after RabbitMQ returned a message for it, because no queue
+        had its name. Return True, so that the message is published again."""
+        log.warning("publish_returned", queue=name)
+        self._declared_queues.discard(name)
+        await self._declare_queue(name, deadline)
+        return True
 
     async def _notify_finished(self, run: dict[str, Any]) -> None:
         status = run["status"]
@@ -736,6 +774,17 @@ class EngineService:
         await asyncio.sleep(2)
         with contextlib.suppress(*_aio.CONNECTION_ERRORS):
             await message.nack(requeue=True)
+
+
+def _log_publish_retry(row: OutgoingMessage, error: BaseException, attempt: int) -> None:
+    # Only the first failure of a row is logged. publish_retried counts the others.
+    if attempt == 1:
+        log.warning(
+            "publish_retrying",
+            run_id=row.run_id,
+            queue=row.routing_key,
+            error=redact_url(_aio.describe(error)),
+        )
 
 
 async def _ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -222,6 +222,8 @@ class Cluster:
         self.database = database
         self.app = app
         self.namespace = namespace or new_namespace()
+        # The broker URL given to processes started from now on, and to clients.
+        self.amqp_url = AMQP_URL
         self.processes: list[Process] = []
         self._count = 0
 
@@ -230,7 +232,7 @@ class Cluster:
         env = dict(os.environ)
         env.update(
             {
-                "ZENFLOW_AMQP_URL": AMQP_URL,
+                "ZENFLOW_AMQP_URL": self.amqp_url,
                 "ZENFLOW_DATABASE_URL": self.database.url,
                 "ZENFLOW_NAMESPACE": self.namespace,
                 "ZENFLOW_LOG_LEVEL": env.get("ZENFLOW_TEST_LOG_LEVEL", "info"),
@@ -279,7 +281,7 @@ class Cluster:
     def client(self) -> Any:
         from zenflow import Client
 
-        return Client(AMQP_URL, namespace=self.namespace)
+        return Client(self.amqp_url, namespace=self.namespace)
 
     def stop(self) -> None:
         for process in self.processes:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import getpass
+import math
+import os
 import socket
 from typing import Any
 
 from zenflow import protocol, serializer
-from zenflow.errors import DefinitionError, RequestRejected, RunFailed, RunNotFound, RunTimeout
+from zenflow.config import redact_url
+from zenflow.errors import (
+    ConfigurationError,
+    DefinitionError,
+    RequestRejected,
+    RunFailed,
+    RunNotFound,
+    RunTimeout,
+    TransportError,
+)
 from zenflow.workflow import Workflow, WorkflowCall, WorkflowFunction
 
 FINISHED_STATUSES = frozenset({"completed", "failed", "killed"})
@@ -74,6 +85,88 @@ def build_start(
     serializer.encode(body["args"], name="args")
     serializer.encode(body["kwargs"], name="kwargs")
     return request, serializer.encode(body)
+
+
+# Seconds that a client keeps trying to get a request confirmed by RabbitMQ while the broker
+# is unreachable or the connection breaks. The value is meant to cover a broker restart or a
+# short network fault, and still be short enough for a caller that serves a user.
+DEFAULT_DELIVERY_TIMEOUT = 15.0
+# Pauses between attempts: doubled from the first up to the maximum, in seconds.
+RETRY_DELAY_FIRST = 0.1
+RETRY_DELAY_MAX = 1.0
+
+
+def delivery_timeout_setting(value: float | None) -> float:
+    """Return the delivery timeout: ``value``, else ``ZENFLOW_DELIVERY_TIMEOUT``, else the
+    default.
+
+    Raises:
+        ConfigurationError: the value is negative or not a number.
+    """
+    source = "delivery_timeout"
+    shown: object = value
+    if value is None:
+        text = os.environ.get("ZENFLOW_DELIVERY_TIMEOUT", "")
+        if not text:
+            return DEFAULT_DELIVERY_TIMEOUT
+        source, shown = "ZENFLOW_DELIVERY_TIMEOUT", text
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+    if not value >= 0:
+        raise ConfigurationError(
+            f"invalid {source} {shown!r}: use 0 or more seconds (0 makes one attempt)"
+        )
+    return float(value)
+
+
+def delivery_failed(
+    amqp_url: str, timeout: float, cause: str, *, connected: bool, publishing: bool
+) -> TransportError:
+    """Return the error for an operation on RabbitMQ that kept failing for ``timeout``.
+
+    ``connected`` is True when the last attempt reached the broker, and ``publishing`` when
+    the operation was the publish of a request, which may then have arrived.
+    """
+    url = redact_url(amqp_url)
+    advice = "Check that the broker is running, or give the client a longer delivery_timeout"
+    if not connected:
+        return TransportError(
+            f"cannot connect to RabbitMQ at {url} (tried for {timeout:g} seconds, "
+            f"delivery_timeout): {redact_url(cause)}. Check that the broker is running and the "
+            "URL is right (the given URL, or ZENFLOW_AMQP_URL), or give the client a longer "
+            "delivery_timeout"
+        )
+    if publishing:
+        return TransportError(
+            f"RabbitMQ at {url} did not confirm the request within {timeout:g} seconds "
+            f"(delivery_timeout): {redact_url(cause)}. The request may or may not have reached "
+            f"the broker. {advice}"
+        )
+    return TransportError(
+        f"the connection to RabbitMQ at {url} kept failing for {timeout:g} seconds "
+        f"(delivery_timeout): {redact_url(cause)}. {advice}"
+    )
+
+
+def login_rejected(amqp_url: str, cause: str) -> TransportError:
+    """Return the error for a broker that rejected the login or the virtual host."""
+    return TransportError(
+        f"RabbitMQ at {redact_url(amqp_url)} rejected the connection: {redact_url(cause)}. "
+        "Check the user, password and virtual host in the URL (the given URL, or "
+        "ZENFLOW_AMQP_URL)"
+    )
+
+
+def reply_lost(amqp_url: str, cause: str) -> TransportError:
+    """Return the error for a confirmed request whose reply was lost with the connection."""
+    return TransportError(
+        f"the connection to RabbitMQ at {redact_url(amqp_url)} was lost after the broker "
+        f"confirmed the request, before the engine's reply arrived ({redact_url(cause)}). The "
+        "engine applies the request when it takes it: read the run's state with get_run "
+        "before sending the request again"
+    )
 
 
 # Seconds a request waits for the engine's reply when the caller needs the result: control

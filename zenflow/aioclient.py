@@ -8,37 +8,53 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 
 from zenflow import _aio, protocol, serializer
 from zenflow._client_common import (
     DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
     PENDING,
+    RETRY_DELAY_FIRST,
+    RETRY_DELAY_MAX,
     START_GRACE,
     WorkflowRef,
     build_control,
     build_event,
     build_start,
+    delivery_failed,
+    delivery_timeout_setting,
+    login_rejected,
     lookup_request,
     never_created,
     read_reply,
+    reply_lost,
     run_outcome,
     start_timeout,
     wait_timed_out,
 )
-from zenflow.config import Settings, redact_url
-from zenflow.errors import RunNotFound, RunTimeout, TransportError
+from zenflow.config import Settings
+from zenflow.errors import RunNotFound, RunTimeout
+
+# Connection errors that another attempt cannot fix.
+_LOGIN_ERRORS = (
+    aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.AuthenticationError,
+)
 
 
 class AsyncClient:
     """Start runs and read their state over RabbitMQ from asyncio code.
 
-    Parameters are those of :class:`zenflow.Client`.
+    Parameters are those of :class:`zenflow.Client`. The connection is robust: after a
+    lost connection it reconnects in the background, and a request made meanwhile waits
+    for it, up to ``delivery_timeout`` seconds.
     """
 
     def __init__(
@@ -47,10 +63,12 @@ class AsyncClient:
         *,
         namespace: str | None = None,
         connect_timeout: float = 10.0,
+        delivery_timeout: float | None = None,
     ) -> None:
         self.settings = Settings.load(amqp_url=amqp_url, namespace=namespace)
         self.topology = protocol.Topology(self.settings.namespace)
         self._connect_timeout = connect_timeout
+        self._delivery_timeout = delivery_timeout_setting(delivery_timeout)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -59,35 +77,86 @@ class AsyncClient:
         self._replies: dict[str, asyncio.Future[bytes]] = {}
         self._finished: dict[str, asyncio.Future[bytes]] = {}
         self._lock = asyncio.Lock()
+        # Set, and replaced by a new event, at each reconnect.
+        self._reconnected = asyncio.Event()
 
     async def connect(self) -> None:
         """Open the connection now instead of at the first request."""
-        await self._ensure_connected()
+        await self._ensure_connected(self._delivery_deadline())
 
-    async def _ensure_connected(self) -> aio_pika.abc.AbstractChannel:
+    def _delivery_deadline(self) -> float:
+        return time.monotonic() + self._delivery_timeout
+
+    async def _ensure_connected(self, deadline: float) -> aio_pika.abc.AbstractChannel:
+        """Return the channel once it is open, connecting or waiting for a reconnect.
+
+        Raises:
+            TransportError: the channel is not open by ``deadline``.
+        """
         async with self._lock:
-            if self._channel is not None and not self._channel.is_closed:
-                return self._channel
-            self._connection = await _aio.connect(
-                self.settings.amqp_url, name="zenflow async client", timeout=self._connect_timeout
+            if self._connection is None:
+                await self._open(deadline)
+        channel = self._channel
+        assert channel is not None
+        if channel.is_closed and not await _aio.wait_until_ready(channel, deadline):
+            raise delivery_failed(
+                self.settings.amqp_url,
+                self._delivery_timeout,
+                "the connection was lost and is not restored yet",
+                connected=False,
+                publishing=False,
             )
+        return channel
+
+    async def _open(self, deadline: float) -> None:
+        """Connect and declare the entry and the reply queue, retrying until ``deadline``."""
+        delay = RETRY_DELAY_FIRST
+        # The first connection attempt gets the full connect_timeout, later ones what is
+        # left of the delivery timeout.
+        timeout = self._connect_timeout
+        while True:
+            connection: aio_pika.abc.AbstractRobustConnection | None = None
             try:
-                channel = await self._connection.channel(
-                    publisher_confirms=True, on_return_raises=True
+                connection = await _aio.connect_robust(
+                    self.settings.amqp_url, name="zenflow async client", timeout=timeout
                 )
-                declared = await _aio.declare_entry(channel, self.topology)
-                self._exchange = declared["engine_exchange"]
-                self._runs_exchange = declared["runs_exchange"]
-                self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-                await self._reply_queue.consume(self._on_message, no_ack=True)
+                await self._set_up(connection)
+                self._connection = connection
+                connection.reconnect_callbacks.add(self._on_reconnect)
+                return
+            except _LOGIN_ERRORS as error:
+                raise login_rejected(self.settings.amqp_url, _aio.describe(error)) from None
             except _aio.CONNECTION_ERRORS as error:
-                await self.close()
-                raise TransportError(
-                    f"RabbitMQ at {redact_url(self.settings.amqp_url)} failed: "
-                    f"{redact_url(_aio.describe(error))}"
-                ) from None
-            self._channel = channel
-            return channel
+                if connection is not None:
+                    with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                        await connection.close()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise delivery_failed(
+                        self.settings.amqp_url,
+                        self._delivery_timeout,
+                        _aio.describe(error),
+                        connected=connection is not None,
+                        publishing=False,
+                    ) from None
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, RETRY_DELAY_MAX)
+            timeout = max(0.1, min(self._connect_timeout, deadline - time.monotonic()))
+
+    async def _set_up(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        declared = await _aio.declare_entry(channel, self.topology)
+        self._exchange = declared["engine_exchange"]
+        self._runs_exchange = declared["runs_exchange"]
+        # A robust queue gets a client-made name, so it keeps its name, bindings and
+        # consumer when the connection comes back.
+        self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._reply_queue.consume(self._on_message, no_ack=True)
+        self._channel = channel
+
+    def _on_reconnect(self, _connection: Any) -> None:
+        event, self._reconnected = self._reconnected, asyncio.Event()
+        event.set()
 
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -95,7 +164,7 @@ class AsyncClient:
             await connection.close()
 
     async def __aenter__(self) -> AsyncClient:
-        await self._ensure_connected()
+        await self.connect()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -155,19 +224,21 @@ class AsyncClient:
     ) -> dict[str, Any]:
         """Kill a run; see :meth:`zenflow.Client.kill`."""
         body = build_control("kill", run, by, reason)
-        return await self._call(body, timeout, _persistent())
+        return await self._call(body, timeout, _persistent(), resend=False)
 
     async def pause(
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
     ) -> dict[str, Any]:
         """Pause a run; see :meth:`zenflow.Client.pause`."""
-        return await self._call(build_control("pause", run, by, None), timeout, _persistent())
+        body = build_control("pause", run, by, None)
+        return await self._call(body, timeout, _persistent(), resend=False)
 
     async def resume(
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
     ) -> dict[str, Any]:
         """Resume a paused run; see :meth:`zenflow.Client.resume`."""
-        return await self._call(build_control("resume", run, by, None), timeout, _persistent())
+        body = build_control("resume", run, by, None)
+        return await self._call(body, timeout, _persistent(), resend=False)
 
     async def retry(
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
@@ -190,7 +261,7 @@ class AsyncClient:
         deadline = None if timeout is None else loop.time() + timeout
         remaining = 30.0 if deadline is None else max(0.1, deadline - loop.time())
         run_id = await self._run_id_of(run_id, remaining)
-        await self._ensure_connected()
+        await self._ensure_connected(self._delivery_deadline())
         assert self._reply_queue is not None and self._runs_exchange is not None
         binding = self.topology.run_finished_binding(run_id)
         finished: asyncio.Future[bytes] = loop.create_future()
@@ -198,7 +269,7 @@ class AsyncClient:
         poll_interval = 1.0
         first_poll = loop.time()
         try:
-            await self._reply_queue.bind(self._runs_exchange, binding)
+            await self._bind_reply_queue(binding)
             while True:
                 remaining = 30.0 if deadline is None else max(0.1, deadline - loop.time())
                 try:
@@ -229,6 +300,32 @@ class AsyncClient:
                 with contextlib.suppress(*_aio.CONNECTION_ERRORS):
                     await self._reply_queue.unbind(self._runs_exchange, binding)
 
+    async def _bind_reply_queue(self, binding: str) -> None:
+        """Bind the reply queue to the runs exchange. aio-pika binds it again after each
+        reconnect.
+
+        Raises:
+            TransportError: the connection broke during the bind and did not come back
+                within ``delivery_timeout``.
+        """
+        assert self._reply_queue is not None and self._runs_exchange is not None
+        deadline = self._delivery_deadline()
+        while True:
+            try:
+                await self._reply_queue.bind(self._runs_exchange, binding)
+                return
+            except _aio.CONNECTION_ERRORS as error:
+                if time.monotonic() >= deadline:
+                    raise delivery_failed(
+                        self.settings.amqp_url,
+                        self._delivery_timeout,
+                        _aio.describe(error),
+                        connected=True,
+                        publishing=False,
+                    ) from None
+            await asyncio.sleep(RETRY_DELAY_FIRST)
+            await self._ensure_connected(deadline)
+
     async def run(
         self,
         workflow: WorkflowRef,
@@ -252,46 +349,94 @@ class AsyncClient:
         return str(reply["run"]["run_id"])
 
     async def _publish(self, body: bytes, properties: dict[str, Any]) -> None:
-        await self._ensure_connected()
+        """Publish a request until RabbitMQ confirms it.
+
+        Raises:
+            TransportError: RabbitMQ did not confirm it within ``delivery_timeout``.
+        """
+        deadline = self._delivery_deadline()
+        channel = await self._ensure_connected(deadline)
         assert self._exchange is not None
         message = aio_pika.Message(body, content_type=protocol.MSGPACK_CONTENT_TYPE, **properties)
         try:
-            await self._exchange.publish(
-                message, self.topology.requests_routing_key, mandatory=True
+            await _aio.publish_confirmed(
+                channel,
+                self._exchange,
+                message,
+                self.topology.requests_routing_key,
+                deadline=deadline,
+                on_returned=self._declare_entry_again,
             )
         except _aio.CONNECTION_ERRORS as error:
-            raise TransportError(
-                f"RabbitMQ at {redact_url(self.settings.amqp_url)} did not confirm the request: "
-                f"{redact_url(_aio.describe(error))}"
+            raise delivery_failed(
+                self.settings.amqp_url,
+                self._delivery_timeout,
+                _aio.describe(error),
+                connected=True,
+                publishing=True,
             ) from None
 
+    async def _declare_entry_again(self) -> bool:
+        """Declare the requests queue and its binding again after RabbitMQ returned a
+        request, because someone deleted them. Return True, so that the request is
+        published again."""
+        if self._channel is not None:
+            with contextlib.suppress(*_aio.CONNECTION_ERRORS):
+                await _aio.declare_entry(self._channel, self.topology)
+        return True
+
     async def _call(
-        self, body: bytes, timeout: float, properties: dict[str, Any] | None = None
+        self,
+        body: bytes,
+        timeout: float,
+        properties: dict[str, Any] | None = None,
+        *,
+        resend: bool = True,
     ) -> dict[str, Any]:
-        await self._ensure_connected()
+        """Publish a request and wait for the engine's reply; see
+        :meth:`zenflow.Client._call`."""
+        await self._ensure_connected(self._delivery_deadline())
         assert self._reply_queue is not None
         correlation_id = uuid.uuid4().hex
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._replies[correlation_id] = reply
+        request_properties = {
+            **(properties or {}),
+            "correlation_id": correlation_id,
+            "reply_to": self._reply_queue.name,
+        }
+        loop = asyncio.get_running_loop()
         try:
-            await self._publish(
-                body,
-                {
-                    **(properties or {}),
-                    "correlation_id": correlation_id,
-                    "reply_to": self._reply_queue.name,
-                },
-            )
-            try:
-                data = await asyncio.wait_for(reply, timeout)
-            except TimeoutError:
-                raise RunTimeout(
-                    f"the engine did not reply within {timeout} seconds; is `zenflow engine` "
-                    f"running with namespace {self.settings.namespace!r}?"
-                ) from None
+            reconnected = self._reconnected
+            await self._publish(body, request_properties)
+            deadline = loop.time() + timeout
+            while not reply.done():
+                waiter = asyncio.ensure_future(reconnected.wait())
+                waited: set[asyncio.Future[Any]] = {reply, waiter}
+                try:
+                    await asyncio.wait(
+                        waited,
+                        timeout=max(0.0, deadline - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    waiter.cancel()
+                if reply.done():
+                    break
+                if not reconnected.is_set():
+                    raise RunTimeout(
+                        f"the engine did not reply within {timeout} seconds; is `zenflow "
+                        f"engine` running with namespace {self.settings.namespace!r}?"
+                    )
+                # The reply queue was deleted with the old connection, and declared again
+                # with the same name, so a reply sent meanwhile is lost.
+                if not resend:
+                    raise reply_lost(self.settings.amqp_url, "the connection was restored")
+                reconnected = self._reconnected
+                await self._publish(body, request_properties)
         finally:
             self._replies.pop(correlation_id, None)
-        return read_reply(data)
+        return read_reply(reply.result())
 
 
 def _persistent() -> dict[str, Any]:

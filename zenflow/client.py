@@ -21,20 +21,26 @@ from zenflow._client_common import (
     DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
     PENDING,
+    RETRY_DELAY_FIRST,
+    RETRY_DELAY_MAX,
     START_GRACE,
     WorkflowRef,
     build_control,
     build_event,
     build_start,
+    delivery_failed,
+    delivery_timeout_setting,
+    login_rejected,
     lookup_request,
     never_created,
     read_reply,
+    reply_lost,
     run_outcome,
     start_timeout,
     wait_timed_out,
 )
 from zenflow.config import Settings, redact_url
-from zenflow.errors import RunNotFound, RunTimeout, TransportError
+from zenflow.errors import RunNotFound, RunTimeout
 
 T = TypeVar("T")
 
@@ -44,6 +50,12 @@ _CONNECTION_ERRORS = (
     pika.exceptions.StreamLostError,
     ConnectionError,
     OSError,
+)
+# Connection errors that another attempt cannot fix.
+_LOGIN_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
 )
 
 
@@ -55,7 +67,12 @@ class Client:
             ``amqp://guest:guest@localhost:5672/``.
         namespace: the prefix of exchange and queue names; defaults to ``ZENFLOW_NAMESPACE``,
             then ``zenflow``.
-        connect_timeout: seconds to wait for the broker when connecting.
+        connect_timeout: seconds that one connection attempt waits for the broker.
+        delivery_timeout: maximum seconds that a request spends reaching RabbitMQ. While the
+            broker is unreachable or the connection breaks, the client reconnects and
+            publishes again until RabbitMQ confirms the request, and raises
+            ``TransportError`` after this time. Defaults to ``ZENFLOW_DELIVERY_TIMEOUT``,
+            then 15; 0 makes one attempt.
     """
 
     def __init__(
@@ -64,10 +81,12 @@ class Client:
         *,
         namespace: str | None = None,
         connect_timeout: float = 10.0,
+        delivery_timeout: float | None = None,
     ) -> None:
         self.settings = Settings.load(amqp_url=amqp_url, namespace=namespace)
         self.topology = protocol.Topology(self.settings.namespace)
         self._connect_timeout = connect_timeout
+        self._delivery_timeout = delivery_timeout_setting(delivery_timeout)
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._reply_queue: str | None = None
@@ -76,12 +95,13 @@ class Client:
 
     # Connection handling.
 
-    def _connect(self) -> Any:
+    def _connect(self, timeout: float) -> Any:
+        """Return the open channel, or make one connection attempt of ``timeout`` seconds."""
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
         parameters = pika.URLParameters(self.settings.amqp_url)
-        parameters.socket_timeout = self._connect_timeout
+        parameters.socket_timeout = timeout
         parameters.blocked_connection_timeout = self._connect_timeout
         try:
             self._connection = pika.BlockingConnection(parameters)
@@ -91,32 +111,48 @@ class Client:
             result = channel.queue_declare("", exclusive=True, auto_delete=True)
             self._reply_queue = result.method.queue
             channel.basic_consume(self._reply_queue, self._on_message, auto_ack=True)
-        except _CONNECTION_ERRORS as error:
+        except _CONNECTION_ERRORS:
             self.close()
-            raise TransportError(
-                f"cannot connect to RabbitMQ at {redact_url(self.settings.amqp_url)}: "
-                f"{_describe(error)}. Check that the broker is running and the URL is right "
-                "(the given URL, or ZENFLOW_AMQP_URL)"
-            ) from None
+            raise
         self._channel = channel
         return channel
 
-    def _retrying(self, operation: Callable[[Any], T]) -> T:
-        """Run ``operation(channel)``, reconnecting once if the connection was lost."""
-        channel = self._connect()
-        try:
-            return operation(channel)
-        except _CONNECTION_ERRORS:
-            self.close()
-        channel = self._connect()
-        try:
-            return operation(channel)
-        except _CONNECTION_ERRORS as error:
-            self.close()
-            raise TransportError(
-                f"RabbitMQ at {redact_url(self.settings.amqp_url)} failed the request: "
-                f"{_describe(error)}"
-            ) from None
+    def _retrying(self, operation: Callable[[Any], T], *, publishing: bool = False) -> T:
+        """Run ``operation(channel)`` until it succeeds, reconnecting after a lost
+        connection or a publish that RabbitMQ did not confirm. Pass ``publishing=True`` when
+        the operation publishes a request, so that the error says it may have arrived.
+
+        Raises:
+            TransportError: ``delivery_timeout`` seconds passed without success.
+        """
+        deadline = time.monotonic() + self._delivery_timeout
+        delay = RETRY_DELAY_FIRST
+        # The first connection attempt gets the full connect_timeout, later ones what is
+        # left of the delivery timeout.
+        connect_timeout = self._connect_timeout
+        while True:
+            connected = False
+            try:
+                channel = self._connect(connect_timeout)
+                connected = True
+                return operation(channel)
+            except _LOGIN_ERRORS as error:
+                self.close()
+                raise login_rejected(self.settings.amqp_url, _describe(error)) from None
+            except _CONNECTION_ERRORS as error:
+                self.close()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise delivery_failed(
+                        self.settings.amqp_url,
+                        self._delivery_timeout,
+                        _describe(error),
+                        connected=connected,
+                        publishing=publishing,
+                    ) from None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, RETRY_DELAY_MAX)
+            connect_timeout = max(0.1, min(self._connect_timeout, deadline - time.monotonic()))
 
     def close(self) -> None:
         """Close the connection; the next call opens a new one."""
@@ -171,7 +207,8 @@ class Client:
         Raises:
             TypeError: the arguments do not fit a workflow given as class or function.
             SerializationError: an argument cannot be encoded; the message names it.
-            TransportError: the broker is unreachable or did not confirm the message.
+            TransportError: RabbitMQ did not confirm the request within ``delivery_timeout``
+                seconds (unreachable, connection lost, message returned or nacked).
             RequestRejected: (with ``reply_timeout``) the engine rejected the request.
             RunTimeout: (with ``reply_timeout``) no engine replied in time; the request
                 stays queued and the run starts when an engine takes it.
@@ -220,7 +257,8 @@ class Client:
             RunNotFound: no run has that id or business id.
             RequestRejected: the run has finished (code ``run_finished``).
         """
-        return self._call(build_control("kill", run, by, reason), timeout, _persistent())
+        body = build_control("kill", run, by, reason)
+        return self._call(body, timeout, _persistent(), resend=False)
 
     def pause(
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
@@ -232,7 +270,8 @@ class Client:
             RunNotFound: no run has that id or business id.
             RequestRejected: the run has finished or is already paused.
         """
-        return self._call(build_control("pause", run, by, None), timeout, _persistent())
+        body = build_control("pause", run, by, None)
+        return self._call(body, timeout, _persistent(), resend=False)
 
     def resume(
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
@@ -243,7 +282,8 @@ class Client:
             RunNotFound: no run has that id or business id.
             RequestRejected: the run has finished or is not paused.
         """
-        return self._call(build_control("resume", run, by, None), timeout, _persistent())
+        body = build_control("resume", run, by, None)
+        return self._call(body, timeout, _persistent(), resend=False)
 
     def retry(
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
@@ -365,39 +405,66 @@ class Client:
         return self.wait(run_id, timeout=timeout)
 
     def _publish_request(self, body: bytes, properties: dict[str, Any]) -> None:
-        def publish(channel: Any) -> None:
-            channel.basic_publish(
-                self.topology.engine_exchange,
-                self.topology.requests_routing_key,
-                body,
-                pika.BasicProperties(content_type=protocol.MSGPACK_CONTENT_TYPE, **properties),
-                mandatory=True,
-            )
+        self._retrying(
+            lambda channel: self._basic_publish(channel, body, properties), publishing=True
+        )
 
-        self._retrying(publish)
+    def _basic_publish(self, channel: Any, body: bytes, properties: dict[str, Any]) -> None:
+        # With confirms on, pika raises UnroutableError for a returned message and NackError
+        # for a nack, so a return means that RabbitMQ did not confirm the request.
+        channel.basic_publish(
+            self.topology.engine_exchange,
+            self.topology.requests_routing_key,
+            body,
+            pika.BasicProperties(content_type=protocol.MSGPACK_CONTENT_TYPE, **properties),
+            mandatory=True,
+        )
 
     def _call(
-        self, body: bytes, timeout: float, properties: dict[str, Any] | None = None
+        self,
+        body: bytes,
+        timeout: float,
+        properties: dict[str, Any] | None = None,
+        *,
+        resend: bool = True,
     ) -> dict[str, Any]:
-        """Publish a request with ``reply_to`` and wait for the engine's reply."""
+        """Publish a request with ``reply_to`` and wait up to ``timeout`` seconds, from
+        RabbitMQ's confirm on, for the engine's reply.
+
+        The reply queue is deleted with its connection. After a reconnect the request is
+        therefore published again with the same message id, which the engine recognises
+        for starts and events. With ``resend=False`` (requests that the engine does not
+        deduplicate) a lost connection raises TransportError instead.
+        """
         correlation_id = uuid.uuid4().hex
+
+        def publish(channel: Any) -> None:
+            self._basic_publish(
+                channel,
+                body,
+                {
+                    **(properties or {}),
+                    "correlation_id": correlation_id,
+                    "reply_to": self._reply_queue,
+                },
+            )
+
+        self._retrying(publish, publishing=True)
         deadline = time.monotonic() + timeout
-        self._connect()
-        self._publish_request(
-            body,
-            {
-                **(properties or {}),
-                "correlation_id": correlation_id,
-                "reply_to": self._reply_queue,
-            },
-        )
         while correlation_id not in self._replies:
             if time.monotonic() >= deadline:
                 raise RunTimeout(
                     f"the engine did not reply within {timeout} seconds; is `zenflow engine` "
                     f"running with namespace {self.settings.namespace!r}?"
                 )
-            self._process_events(deadline, 0.5)
+            try:
+                assert self._connection is not None
+                self._connection.process_data_events(min(0.5, deadline - time.monotonic()))
+            except _CONNECTION_ERRORS as error:
+                self.close()
+                if not resend:
+                    raise reply_lost(self.settings.amqp_url, _describe(error)) from None
+                self._retrying(publish, publishing=True)
         return read_reply(self._replies.pop(correlation_id))
 
     def _process_events(self, deadline: float | None, slice_seconds: float) -> None:

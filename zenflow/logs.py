@@ -28,6 +28,39 @@ def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]
     return event
 
 
+class _HandledConnectionErrors(logging.Filter):
+    """Log connection failures that aio-pika's robust connection handles as warnings.
+
+    Engines and agents reconnect by themselves and log ``amqp_connection_lost`` and
+    ``amqp_reconnected``. Meanwhile aiormq 7 logs the lost connection and every failed
+    reconnection attempt at error level. aio-pika 10's robust channel also tries to reopen
+    itself on the connection that just closed, which fails with ``RuntimeError:
+    <Connection ...> closed`` or ``ChannelInvalidStateError: No active transport in
+    channel`` and is logged at error level. The connection then restores the channel. These
+    records stay in the log, at warning level.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and self._handled(record):
+            record.levelno = logging.WARNING
+            record.levelname = "WARNING"
+        return True
+
+    @staticmethod
+    def _handled(record: logging.LogRecord) -> bool:
+        if record.name == "aiormq.connection":
+            return str(record.msg).startswith(
+                ("error when creating transport", "Unexpected connection close from remote")
+            )
+        args = record.args if isinstance(record.args, tuple) else ()
+        return (
+            record.name == "aio_pika.tools"
+            and len(args) == 3
+            and "RobustChannel._on_close" in repr(args[0])
+            and args[1] in ("RuntimeError", "ChannelInvalidStateError")
+        )
+
+
 def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger for a zenflow process.
 
@@ -83,6 +116,10 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     # Library chatter (every connection attempt, every SQL statement) only at debug.
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    for name in ("aiormq.connection", "aio_pika.tools"):
+        library = logging.getLogger(name)
+        if not any(isinstance(item, _HandledConnectionErrors) for item in library.filters):
+            library.addFilter(_HandledConnectionErrors())
     # psycopg warns when it discards the rest of a pipeline after a failed statement. That is
     # how the engine detects a concurrent update, which it handles itself.
     logging.getLogger("psycopg").setLevel(max(numeric, logging.ERROR))

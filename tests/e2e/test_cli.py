@@ -590,6 +590,7 @@ def test_database_variable_beats_default(
 def test_amqp_flag_beats_variable(cli_cluster: Cluster) -> None:
     env = cli_cluster.env
     env["ZENFLOW_AMQP_URL"] = CLOSED_BROKER_URL
+    env["ZENFLOW_DELIVERY_TIMEOUT"] = "0"  # one connection attempt, not 15 seconds of them
     from_variable = zenflow("start", "Sequential", "[1]", env=env, cwd=cli_cluster.folder)
     assert_clear_error(from_variable, EXIT_CONFIGURATION, "cannot connect to RabbitMQ")
 
@@ -603,7 +604,9 @@ def test_amqp_flag_beats_variable(cli_cluster: Cluster) -> None:
 def test_amqp_variable_beats_default(cli_cluster: Cluster, tmp_path: Path) -> None:
     # The default URL names localhost:5672, so only the variable can point at the closed port.
     env = environment_without_settings(
-        ZENFLOW_AMQP_URL=CLOSED_BROKER_URL, ZENFLOW_NAMESPACE=cli_cluster.namespace
+        ZENFLOW_AMQP_URL=CLOSED_BROKER_URL,
+        ZENFLOW_NAMESPACE=cli_cluster.namespace,
+        ZENFLOW_DELIVERY_TIMEOUT="0",
     )
     result = zenflow("start", "Sequential", "[1]", env=env, cwd=tmp_path)
     assert_clear_error(result, EXIT_CONFIGURATION, "127.0.0.1:1")
@@ -627,7 +630,10 @@ def test_namespace_flag_beats_variable(cli_cluster: Cluster) -> None:
 
 @pytest.fixture
 def error_env() -> dict[str, str]:
-    return environment_without_settings(ZENFLOW_AMQP_URL=CLOSED_BROKER_URL)
+    # Clients make one connection attempt instead of retrying for 15 seconds.
+    return environment_without_settings(
+        ZENFLOW_AMQP_URL=CLOSED_BROKER_URL, ZENFLOW_DELIVERY_TIMEOUT="0"
+    )
 
 
 @pytest.fixture

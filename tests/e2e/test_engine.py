@@ -212,7 +212,7 @@ def test_db_upgrade_from_installed_wheel(tmp_path: Path) -> None:
 def test_client_unreachable_broker_names_url_without_password() -> None:
     from zenflow import TransportError
 
-    client = Client("amqp://guest:secretpw@127.0.0.1:1/", connect_timeout=2)
+    client = Client("amqp://guest:secretpw@127.0.0.1:1/", connect_timeout=2, delivery_timeout=0)
     with pytest.raises(TransportError) as failure:
         client.start("Sequential", 1)
     assert "127.0.0.1:1" in str(failure.value)
