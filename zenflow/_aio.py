@@ -10,7 +10,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from zenflow import protocol
+from zenflow import _amqp_properties, protocol
 from zenflow.config import redact_url
 from zenflow.errors import TransportError
 
@@ -21,6 +21,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+
+# One message with a property that pamqp cannot decode would otherwise close the connection
+# at every delivery and stop the consumer for good (see zenflow._amqp_properties).
+_amqp_properties.install()
 
 
 async def connect(
