@@ -38,6 +38,13 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     namespace: str = DEFAULT_NAMESPACE
 
+    def __repr__(self) -> str:
+        # The URLs may carry passwords, and reprs end up in logs and tracebacks.
+        return (
+            f"Settings(amqp_url={redact_url(self.amqp_url)!r}, "
+            f"database_url={redact_url(self.database_url)!r}, namespace={self.namespace!r})"
+        )
+
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):
             raise ConfigurationError(
