@@ -10,7 +10,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from zenflow import _amqp_properties, protocol
+from zenflow import _amqp_properties, _tls, protocol
 from zenflow.config import redact_url
 from zenflow.errors import TransportError
 
@@ -32,9 +32,15 @@ async def connect(
 ) -> aio_pika.abc.AbstractRobustConnection:
     """Open a robust connection, which reconnects and restores channels and consumers.
 
+    An ``amqps://`` URL connects with TLS, configured by its query parameters (see
+    :mod:`zenflow._tls`).
+
     Raises:
         TransportError: the first connection failed; the message has no password.
+        ConfigurationError: a TLS file of the URL cannot be loaded.
     """
+    address = _tls.parse(amqp_url)
+    context = None if address.tls is None else address.tls.context()
     # A failed first attempt is reported once, by the TransportError below; aiormq would
     # also log it at error level.
     aiormq_log = logging.getLogger("aiormq.connection")
@@ -42,13 +48,17 @@ async def connect(
     aiormq_log.setLevel(logging.CRITICAL)
     try:
         return await aio_pika.connect_robust(
-            amqp_url, timeout=timeout, client_properties={"connection_name": name}
+            address.url,
+            timeout=timeout,
+            client_properties={"connection_name": name},
+            ssl_context=context,
         )
     except CONNECTION_ERRORS as error:
+        hint = _tls.failure_hint(error, address.tls is not None)
         raise TransportError(
             f"cannot connect to RabbitMQ at {redact_url(amqp_url)}: "
-            f"{redact_url(describe(error))}. Check that the broker is running and the URL is "
-            "right (--amqp-url or ZENFLOW_AMQP_URL)"
+            f"{redact_url(describe(error))}{hint}. Check that the broker is running and the "
+            "URL is right (--amqp-url or ZENFLOW_AMQP_URL)"
         ) from None
     finally:
         aiormq_log.setLevel(level)

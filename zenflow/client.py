@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions
 
-from zenflow import protocol, serializer
+from zenflow import _tls, protocol, serializer
 from zenflow._client_common import (
     DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
@@ -80,7 +80,10 @@ class Client:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        parameters = pika.URLParameters(self.settings.amqp_url)
+        address = _tls.parse(self.settings.amqp_url)
+        parameters = pika.URLParameters(address.url)
+        if address.tls is not None:
+            parameters.ssl_options = pika.SSLOptions(address.tls.context())
         parameters.socket_timeout = self._connect_timeout
         parameters.blocked_connection_timeout = self._connect_timeout
         try:
@@ -93,10 +96,11 @@ class Client:
             channel.basic_consume(self._reply_queue, self._on_message, auto_ack=True)
         except _CONNECTION_ERRORS as error:
             self.close()
+            hint = _tls.failure_hint(error, address.tls is not None)
             raise TransportError(
                 f"cannot connect to RabbitMQ at {redact_url(self.settings.amqp_url)}: "
-                f"{_describe(error)}. Check that the broker is running and the URL is right "
-                "(the given URL, or ZENFLOW_AMQP_URL)"
+                f"{_describe(error)}{hint}. Check that the broker is running and the URL is "
+                "right (the given URL, or ZENFLOW_AMQP_URL)"
             ) from None
         self._channel = channel
         return channel

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from zenflow import _tls
 from zenflow.errors import ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -84,6 +85,10 @@ def _amqp_url_problem(url: str) -> str | None:
         urlsplit(url).port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         return "the port must be a number"
+    try:
+        _tls.parse(url)
+    except ConfigurationError as error:
+        return str(error)
     return None
 
 
