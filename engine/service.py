@@ -308,6 +308,11 @@ class EngineService:
                 await self._reply(
                     message, {"ok": False, "error": {"code": "internal_error", "message": text}}
                 )
+            if message.redelivered and message.message_id:
+                # A request that _retry_unknown_run requeued is done. Forget its entry, which
+                # would take one of the 100 places until it expires. Only redelivered messages
+                # do so: a new message reusing the id would restart a retrying request's wait.
+                self._unknown_runs.pop(message.message_id, None)
             await _ack(message)
 
     async def _start(
@@ -410,17 +415,21 @@ class EngineService:
     def _retry_unknown_run(self, message: aio_pika.abc.AbstractIncomingMessage) -> bool:
         """Return whether to requeue a request that named an unknown run, by message id."""
         key = message.message_id
-        if not key or (key not in self._unknown_runs and len(self._unknown_runs) >= 100):
-            # At most 100 requests wait at once, so a flood of requests for runs that do not
-            # exist cannot keep the engine busy requeueing them.
+        if not key:
             return False
         now = time.monotonic()
-        if len(self._unknown_runs) >= 100:
+        if key not in self._unknown_runs and len(self._unknown_runs) >= 100:
+            # Drop the entries of requests that did not come back, such as those that
+            # another engine took after their requeue.
             self._unknown_runs = {
                 seen: since
                 for seen, since in self._unknown_runs.items()
                 if now - since < UNKNOWN_RUN_GRACE
             }
+            if len(self._unknown_runs) >= 100:
+                # At most 100 requests wait at once, so a flood of requests for runs that
+                # do not exist cannot keep the engine busy requeueing them.
+                return False
         since = self._unknown_runs.setdefault(key, now)
         if now - since < UNKNOWN_RUN_GRACE:
             return True

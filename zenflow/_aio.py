@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +15,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from zenflow import protocol
+from zenflow import _amqp_properties, _tls, protocol
 from zenflow.config import redact_url
 from zenflow.errors import TransportError
 
@@ -42,6 +43,10 @@ MIN_CONFIRM_TIMEOUT = 1.0
 RETRY_DELAY_FIRST = 0.1
 RETRY_DELAY_MAX = 2.0
 
+# One message with a property that pamqp cannot decode would otherwise close the connection
+# at every delivery and stop the consumer for good (see zenflow._amqp_properties).
+_amqp_properties.install()
+
 
 async def connect(
     amqp_url: str, *, name: str, timeout: float = 10.0, log: Any = None
@@ -49,18 +54,25 @@ async def connect(
     """Open a robust connection, which reconnects and restores channels and consumers.
 
     With ``log`` (a structlog logger), each lost connection is logged as
-    ``amqp_connection_lost`` and each reconnect as ``amqp_reconnected``.
+    ``amqp_connection_lost`` and each reconnect as ``amqp_reconnected``. An ``amqps://`` URL
+    connects with TLS, configured by its query parameters (see :mod:`zenflow._tls`).
 
     Raises:
         TransportError: the first connection failed; the message has no password.
+        ConfigurationError: a TLS file of the URL cannot be loaded.
     """
+    address = _tls.parse(amqp_url)
+    context = None if address.tls is None else address.tls.context()
     try:
-        connection = await connect_robust(amqp_url, name=name, timeout=timeout)
+        connection = await connect_robust(
+            address.url, name=name, timeout=timeout, ssl_context=context
+        )
     except CONNECTION_ERRORS as error:
+        hint = _tls.failure_hint(error, address.tls is not None)
         raise TransportError(
             f"cannot connect to RabbitMQ at {redact_url(amqp_url)}: "
-            f"{redact_url(describe(error))}. Check that the broker is running and the URL is "
-            "right (--amqp-url or ZENFLOW_AMQP_URL)"
+            f"{redact_url(describe(error))}{hint}. Check that the broker is running and the "
+            "URL is right (--amqp-url or ZENFLOW_AMQP_URL)"
         ) from None
     if log is not None:
         _log_reconnects(connection, amqp_url, log)
@@ -68,7 +80,7 @@ async def connect(
 
 
 async def connect_robust(
-    amqp_url: str, *, name: str, timeout: float
+    amqp_url: str, *, name: str, timeout: float, ssl_context: ssl.SSLContext | None = None
 ) -> aio_pika.abc.AbstractRobustConnection:
     """Open a robust connection; raise aio-pika's error if the first attempt fails."""
     # The caller reports a failed first attempt, so aiormq's own error line is silenced.
@@ -80,7 +92,11 @@ async def connect_robust(
         options["reconnect_interval"] = RECONNECT_INTERVAL
     try:
         return await aio_pika.connect_robust(
-            amqp_url, timeout=timeout, client_properties={"connection_name": name}, **options
+            amqp_url,
+            timeout=timeout,
+            client_properties={"connection_name": name},
+            ssl_context=ssl_context,
+            **options,
         )
     finally:
         aiormq_log.setLevel(level)

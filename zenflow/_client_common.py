@@ -8,7 +8,7 @@ import os
 import socket
 from typing import Any
 
-from zenflow import protocol, serializer
+from zenflow import _tls, protocol, serializer
 from zenflow.config import redact_url
 from zenflow.errors import (
     ConfigurationError,
@@ -147,6 +147,23 @@ def delivery_failed(
     return TransportError(
         f"the connection to RabbitMQ at {url} kept failing for {timeout:g} seconds "
         f"(delivery_timeout): {redact_url(cause)}. {advice}"
+    )
+
+
+def tls_failure(amqp_url: str, error: BaseException, cause: str) -> TransportError | None:
+    """Return the error for a first connection that failed over TLS, or None.
+
+    A certificate that fails verification, or a broker that closes the connection after the
+    TLS handshake, is a configuration problem: retrying until ``delivery_timeout`` would
+    only delay the advice.
+    """
+    hint = _tls.failure_hint(error, _tls.parse(amqp_url).tls is not None)
+    if not hint:
+        return None
+    return TransportError(
+        f"cannot connect to RabbitMQ at {redact_url(amqp_url)}: {redact_url(cause)}{hint}. "
+        "Check that the broker is running and the URL is right (the given URL, or "
+        "ZENFLOW_AMQP_URL)"
     )
 
 

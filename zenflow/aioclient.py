@@ -16,7 +16,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from zenflow import _aio, protocol, serializer
+from zenflow import _aio, _tls, protocol, serializer
 from zenflow._client_common import (
     DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
@@ -37,6 +37,7 @@ from zenflow._client_common import (
     reply_lost,
     run_outcome,
     start_timeout,
+    tls_failure,
     wait_timed_out,
 )
 from zenflow.config import Settings
@@ -114,11 +115,14 @@ class AsyncClient:
         # The first connection attempt gets the full connect_timeout, later ones what is
         # left of the delivery timeout.
         timeout = self._connect_timeout
+        address = _tls.parse(self.settings.amqp_url)
+        context = None if address.tls is None else address.tls.context()
+        first = True
         while True:
             connection: aio_pika.abc.AbstractRobustConnection | None = None
             try:
                 connection = await _aio.connect_robust(
-                    self.settings.amqp_url, name="zenflow async client", timeout=timeout
+                    address.url, name="zenflow async client", timeout=timeout, ssl_context=context
                 )
                 await self._set_up(connection)
                 self._connection = connection
@@ -130,6 +134,10 @@ class AsyncClient:
                 if connection is not None:
                     with contextlib.suppress(*_aio.CONNECTION_ERRORS):
                         await connection.close()
+                failure = tls_failure(self.settings.amqp_url, error, _aio.describe(error))
+                if first and connection is None and failure is not None:
+                    raise failure from None
+                first = False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise delivery_failed(

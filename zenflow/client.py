@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions
 
-from zenflow import protocol, serializer
+from zenflow import _tls, protocol, serializer
 from zenflow._client_common import (
     DEFAULT_REPLY_TIMEOUT,
     FINISHED_STATUSES,
@@ -37,6 +37,7 @@ from zenflow._client_common import (
     reply_lost,
     run_outcome,
     start_timeout,
+    tls_failure,
     wait_timed_out,
 )
 from zenflow.config import Settings, redact_url
@@ -100,7 +101,10 @@ class Client:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        parameters = pika.URLParameters(self.settings.amqp_url)
+        address = _tls.parse(self.settings.amqp_url)
+        parameters = pika.URLParameters(address.url)
+        if address.tls is not None:
+            parameters.ssl_options = pika.SSLOptions(address.tls.context())
         parameters.socket_timeout = timeout
         parameters.blocked_connection_timeout = self._connect_timeout
         try:
@@ -130,6 +134,7 @@ class Client:
         # The first connection attempt gets the full connect_timeout, later ones what is
         # left of the delivery timeout.
         connect_timeout = self._connect_timeout
+        first = True
         while True:
             connected = False
             try:
@@ -141,6 +146,10 @@ class Client:
                 raise login_rejected(self.settings.amqp_url, _describe(error)) from None
             except _CONNECTION_ERRORS as error:
                 self.close()
+                failure = tls_failure(self.settings.amqp_url, error, _describe(error))
+                if first and not connected and failure is not None:
+                    raise failure from None
+                first = False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise delivery_failed(

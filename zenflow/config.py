@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from zenflow import _tls
 from zenflow.errors import ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -37,6 +38,13 @@ class Settings:
     amqp_url: str = DEFAULT_AMQP_URL
     database_url: str = DEFAULT_DATABASE_URL
     namespace: str = DEFAULT_NAMESPACE
+
+    def __repr__(self) -> str:
+        # The URLs may carry passwords, and reprs end up in logs and tracebacks.
+        return (
+            f"Settings(amqp_url={redact_url(self.amqp_url)!r}, "
+            f"database_url={redact_url(self.database_url)!r}, namespace={self.namespace!r})"
+        )
 
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):
@@ -77,6 +85,10 @@ def _amqp_url_problem(url: str) -> str | None:
         urlsplit(url).port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         return "the port must be a number"
+    try:
+        _tls.parse(url)
+    except ConfigurationError as error:
+        return str(error)
     return None
 
 

@@ -385,6 +385,8 @@ def _optional_reason(body: Mapping[str, Any]) -> str | None:
             f"field 'reason' must be a string of at most {MAX_REASON_LENGTH} characters",
             "reason",
         )
+    if _SURROGATES.search(value):
+        raise InvalidMessage("invalid_field", f"field 'reason' {_SURROGATES_PROBLEM}", "reason")
     return value
 
 
@@ -420,6 +422,9 @@ def _optional_string(body: Mapping[str, Any], field: str, max_length: int) -> st
 
 
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# A JSON body can carry lone surrogates ("\ud800"), which no database or UTF-8 text takes.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_SURROGATES_PROBLEM = "must not contain lone surrogates (U+D800 to U+DFFF)"
 
 
 def event_name_problem(name: Any) -> str | None:
@@ -449,6 +454,8 @@ def text_problem(value: Any, max_length: int) -> str | None:
         return f"is {len(value)} characters long; the limit is {max_length}"
     if _CONTROL_CHARACTERS.search(value):
         return f"must not contain control characters: {_short(value)}"
+    if _SURROGATES.search(value):
+        return f"{_SURROGATES_PROBLEM}: {_short(value)}"
     return None
 
 
