@@ -165,7 +165,8 @@ def test_processes_hide_password_of_broker(
     for command, output in outputs:
         assert_no_secret(output)
         assert "guest:***@127.0.0.1" in output, (command, output)
-        assert "cannot connect to RabbitMQ" in output, (command, output)
+        refused = "cannot connect to RabbitMQ" in output or "rejected the connection" in output
+        assert refused, (command, output)
     assert all("ACCESS_REFUSED" in output for _command, output in outputs[len(commands) :])
 
 
