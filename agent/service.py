@@ -30,6 +30,7 @@ import aio_pika.abc
 import aiormq.exceptions
 import structlog
 
+from agent.deliveries import DEFAULT_MAX_DELIVERIES, DeliveryGuard
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings
 from zenflow.context import TaskContext, set_current_task
@@ -47,11 +48,16 @@ class AgentOptions:
     settings: Settings
     queues: tuple[str, ...] = ()  # empty: every queue of the registered tasks
     concurrency: int = 8
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigurationError(
                 f"invalid concurrency {self.concurrency}: use 1 or more tasks at a time"
+            )
+        if self.max_deliveries < 1:
+            raise ConfigurationError(
+                f"invalid max deliveries {self.max_deliveries}: use 1 or more deliveries"
             )
         for queue in self.queues:
             validate_queue_name(queue, "--queue")
@@ -72,6 +78,13 @@ class AgentService:
             )
         self._in_flight: set[asyncio.Task[Any]] = set()
         self.stats = {"completed": 0, "failed": 0, "rejected": 0}
+        self.deliveries = DeliveryGuard(
+            self.topology,
+            self.identity,
+            options.max_deliveries,
+            options.concurrency,
+            self._publish_result,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish running tasks, publish, and close."""
@@ -143,6 +156,8 @@ class AgentService:
             "task": task_message.task,
         }
         with structlog.contextvars.bound_contextvars(**context):
+            if not await self.deliveries.admit(self.publish_channel, message, task_message):
+                return  # counted and settled by agent/deliveries.py, not run now
             result = await self._execute(task_message)
             if message.reply_to:
                 published = await self._publish_result(message, result)

@@ -232,6 +232,15 @@ def agent(
             help="Tasks run at the same time (and messages prefetched).", min=1, max=65535
         ),
     ] = 8,
+    max_deliveries: Annotated[
+        int,
+        typer.Option(
+            help="Times a task message may reach agents that die or stop before finishing it; "
+            "then it goes to the dead-letter queue and its step fails with PoisonMessage.",
+            min=1,
+            max=1000,
+        ),
+    ] = 5,
     amqp_url: AmqpUrl = None,
     namespace: Namespace = None,
     log_level: LogLevel = None,
@@ -244,7 +253,10 @@ def agent(
         settings = _settings(amqp_url, None, namespace)
         registry = load_registry(app_modules_from_env(app_modules))
         options = AgentOptions(
-            settings=settings, queues=tuple(queue or ()), concurrency=concurrency
+            settings=settings,
+            queues=tuple(queue or ()),
+            concurrency=concurrency,
+            max_deliveries=max_deliveries,
         )
         service = AgentService(options, registry)
         _serve(lambda: service, log_level)
