@@ -40,6 +40,7 @@ import aiormq.exceptions
 import structlog
 
 from agent.attempts import Prefetch, RunningAttempt, retry_advice
+from agent.deliveries import DEFAULT_MAX_DELIVERIES, DeliveryGuard
 from agent.ledger import ResultLedger
 from zenflow import _aio, protocol, serializer
 from zenflow.config import Settings
@@ -66,6 +67,7 @@ class AgentOptions:
     # lease that each heartbeat asks for.
     ack_after: float = 60.0
     lease: float = 30.0
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -80,6 +82,10 @@ class AgentOptions:
         if not 1 <= self.lease <= protocol.MAX_LEASE_SECONDS:
             raise ConfigurationError(
                 f"invalid lease {self.lease}: use 1 to {protocol.MAX_LEASE_SECONDS:g} seconds"
+            )
+        if self.max_deliveries < 1:
+            raise ConfigurationError(
+                f"invalid max deliveries {self.max_deliveries}: use 1 or more deliveries"
             )
         for queue in self.queues:
             validate_queue_name(queue, "--queue")
@@ -103,6 +109,13 @@ class AgentService:
         self.ledger = ResultLedger()
         self._stop = asyncio.Event()
         self.stats = {"completed": 0, "failed": 0, "rejected": 0, "redeliveries_skipped": 0}
+        self.deliveries = DeliveryGuard(
+            self.topology,
+            self.identity,
+            options.max_deliveries,
+            options.concurrency,
+            self._publish_result,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish running tasks, publish, and close."""
@@ -140,6 +153,8 @@ class AgentService:
                 await _aio.cancel_consumers(cancelled)
 
             self.prefetch = Prefetch(consume_channel, self.options.concurrency, consume, cancel)
+            prefetch = self.prefetch
+            self.deliveries.current_prefetch = lambda: max(1, prefetch.concurrency - prefetch.held)
             await consume()
             served = set(self.registry.queues())
             for name in self.queues:
@@ -193,6 +208,8 @@ class AgentService:
                 with contextlib.suppress(*_aio.CONNECTION_ERRORS):
                     await message.ack()
                 return
+            if not await self.deliveries.admit(self.publish_channel, message, task_message):
+                return  # counted and settled by agent/deliveries.py, not run now
             attempt = RunningAttempt(task_message, message)
             result = await self._execute(attempt)
             if attempt.handed_over:

@@ -252,6 +252,15 @@ def agent(
             max=3600,
         ),
     ] = 30.0,
+    max_deliveries: Annotated[
+        int,
+        typer.Option(
+            help="Times a task message may reach agents that die or stop before finishing it; "
+            "then it goes to the dead-letter queue and its step fails with PoisonMessage.",
+            min=1,
+            max=1000,
+        ),
+    ] = 5,
     amqp_url: AmqpUrl = None,
     namespace: Namespace = None,
     log_level: LogLevel = None,
@@ -269,6 +278,7 @@ def agent(
             concurrency=concurrency,
             ack_after=ack_after,
             lease=lease,
+            max_deliveries=max_deliveries,
         )
         service = AgentService(options, registry)
         _serve(lambda: service, log_level)

@@ -30,6 +30,9 @@ from zenflow.retry import MAX_DELAY, NO_RETRY, Retry
 
 # Errors that the engine itself reports for an attempt.
 LEASE_EXPIRED = "TaskLeaseExpired"
+# Errors that no retry can fix, whatever the policy: a message that kept killing its agents,
+# and one that the agent could not decode.
+FINAL_ERRORS = frozenset({"PoisonMessage", "InvalidTaskMessage"})
 
 
 def policy_of(step: Step) -> Retry:
@@ -52,6 +55,8 @@ def next_delay(
     if attempt >= policy.attempts:
         return None
     if result is not None and result.non_retryable:
+        return None
+    if error.get("type") in FINAL_ERRORS:
         return None
     names = {str(name).rpartition(".")[2] for name in policy.non_retryable}
     if str(error.get("type", "")) in names:

@@ -273,9 +273,11 @@ class Cluster:
         process.wait_for_log("engine_started")
         return process
 
-    def start_agent(self, *extra: str) -> Process:
+    def start_agent(self, *extra: str, wait: bool = True) -> Process:
+        """Start an agent and, if ``wait``, wait until it consumes its queues."""
         process = self._spawn("agent", *extra)
-        process.wait_for_log("agent_started")
+        if wait:
+            process.wait_for_log("agent_started")
         return process
 
     def client(self) -> Any:

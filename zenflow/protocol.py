@@ -90,6 +90,11 @@ class Topology:
         """AMQP queue name of the task queue ``queue``."""
         return f"{self.namespace}.tasks.{queue}"
 
+    @property
+    def dead_letter_queue(self) -> str:
+        """Queue of task messages set aside because the agents that took them died too often."""
+        return f"{self.namespace}.dead"
+
     @staticmethod
     def run_finished_key(status: str, run_id: str) -> str:
         return f"run.{status}.{run_id}"

@@ -145,6 +145,7 @@ HELP_PAGES: dict[tuple[str, ...], dict[str, str]] = {
         "--app": SHARED_HELP["--app"],
         "--queue": "Task queue to consume; repeat for several.",
         "--concurrency": "Tasks run at the same time",
+        "--max-deliveries": "Times a task message may reach agents that die or stop",
         "--amqp-url": SHARED_HELP["--amqp-url"],
         "--namespace": SHARED_HELP["--namespace"],
         "--log-level": SHARED_HELP["--log-level"],
