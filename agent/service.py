@@ -257,6 +257,8 @@ class AgentService:
             # Task code may raise SystemExit, KeyboardInterrupt or GeneratorExit. Signals reach
             # the main thread, not this task, so these come from the task and fail only its
             # attempt instead of stopping the agent.
+            if isinstance(error, _Contained):
+                error = error.original
             self.stats["failed"] += 1
             log.warning("task_failed", error_type=type(error).__name__, error=str(error))
             log.debug("task_failed_traceback", exc_info=error)
@@ -292,7 +294,7 @@ class AgentService:
 
     async def _supervise(self, definition: TaskDefinition, attempt: RunningAttempt) -> Any:
         """Run the attempt while enforcing its limits and handing it over when it runs long."""
-        work = asyncio.ensure_future(self._call(definition, attempt))
+        work = asyncio.ensure_future(self._call_contained(definition, attempt))
         options = self.options
         try:
             while True:
@@ -316,6 +318,17 @@ class AgentService:
                 # its code returns or its next heartbeat() raises AttemptCancelled.
                 work.cancel()
                 await asyncio.wait({work}, timeout=1.0)
+
+    async def _call_contained(self, definition: TaskDefinition, attempt: RunningAttempt) -> Any:
+        """Run :meth:`_call` in its own asyncio task, with task code's SystemExit contained.
+
+        asyncio lets SystemExit and KeyboardInterrupt raised in a task stop the event loop,
+        so they are wrapped in an ordinary exception here.
+        """
+        try:
+            return await self._call(definition, attempt)
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as error:
+            raise _Contained(error) from None
 
     async def _call(self, definition: TaskDefinition, attempt: RunningAttempt) -> Any:
         # Each delivery runs in its own asyncio task, so this context is the task's own.
@@ -548,6 +561,14 @@ def _log_result_retry(error: BaseException, attempt: int) -> None:
 def _run_sync(definition: TaskDefinition, attempt: RunningAttempt) -> Any:
     attempt.call = definition.prepare(attempt.message.args, attempt.message.kwargs)
     return attempt.call()
+
+
+class _Contained(Exception):
+    """A SystemExit, KeyboardInterrupt or GeneratorExit raised by task code."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
 
 
 class _OutOfTime(Exception):

@@ -51,7 +51,7 @@ def test_event_command_delivers_json_data(waits: Cluster) -> None:
 
 
 def test_event_before_wait_is_kept(waits: Cluster) -> None:
-    run_id = run_ok(waits, "start", "TwoEventsAfterTask", "[2.0]").strip()
+    run_id = run_ok(waits, "start", "TwoEventsAfterTask", "[6.0]").strip()
     first = run_ok(waits, "runs", "event", run_id, "Item", '"one"')
     assert "kept for run" in first
     run_ok(waits, "runs", "event", run_id, "Item", '"two"')

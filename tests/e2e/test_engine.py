@@ -93,9 +93,14 @@ def test_log_lines_carry_run_ids(flows_cluster: Cluster) -> None:
     with flows_cluster.client() as client:
         run_id = client.start("Sequential", 1)
         client.wait(run_id, timeout=30)
-    agent_log = flows_cluster.processes[1].log_text()
-    lines = [json.loads(line) for line in agent_log.splitlines() if run_id in line]
-    succeeded = [line for line in lines if line["event"] == "task_succeeded"]
+
+    def succeeded_lines() -> list[dict[str, object]]:
+        agent_log = flows_cluster.processes[1].log_text()
+        lines = [json.loads(line) for line in agent_log.splitlines() if run_id in line]
+        return [line for line in lines if line["event"] == "task_succeeded"]
+
+    # The agent logs task_succeeded after the result left, so the run may end first.
+    succeeded = wait_until(lambda: len(succeeded_lines()) == 3 and succeeded_lines(), 10)
     assert len(succeeded) == 3
     assert all(line["workflow"] == "Sequential" for line in succeeded)
     assert sorted(line["step"] for line in succeeded) == [1, 2, 3]
