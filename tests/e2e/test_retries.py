@@ -160,6 +160,7 @@ def test_a_non_retryable_error_fails_the_step_at_its_first_attempt(
     assert result["error"] in ("NonRetryableError", "KeyError")
     assert len(starts(trace)) == 1
     assert count_kind(cluster, run_id, "task_retry_scheduled") == 0
+    assert_one_result_per_step(cluster, run_id)
 
 
 def test_the_task_decides_its_retry_delay_and_when_to_stop(
@@ -173,6 +174,7 @@ def test_the_task_decides_its_retry_delay_and_when_to_stop(
     # Two attempts, not the policy's five, and 0.7 s apart, not the policy's 30 s.
     assert len(times) == 2
     assert 0.7 <= times[1] - times[0] < 10
+    assert_one_result_per_step(cluster, run_id)
 
 
 def test_a_retry_due_while_the_engine_is_down_runs_after_its_restart(
@@ -217,6 +219,7 @@ def test_an_async_task_past_its_timeout_is_cancelled_and_retried(
     assert "timeout of 0.5 s" in result["message"]
     assert len(starts(trace)) == 2
     wait_until(lambda: [n for *_, n in executions(trace) if n == "cancelled"] == ["cancelled"] * 2)
+    assert_one_result_per_step(cluster, run_id)
 
 
 def test_a_sync_task_past_its_timeout_stops_at_its_next_heartbeat(
@@ -307,3 +310,6 @@ def test_retry_of_all_failed_runs_of_a_workflow_asks_first(
     assert accepted.returncode == 0, accepted.stderr
     for run_id in runs:
         assert result_of(cluster, run_id) == {"value": "unlocked"}
+        assert count_kind(cluster, run_id, "task_failed_retried") == 1
+        assert_one_result_per_step(cluster, run_id)
+    print(f"bulk retry: {len(runs)} failed runs retried, each completed with one result")
