@@ -49,7 +49,7 @@ app = typer.Typer(
         'zenflow start OrderWorkflow \'["A-17", ["book"], 42]\' --wait; zenflow runs list'
     ),
 )
-runs_app = typer.Typer(help="Inspect runs and their history.", no_args_is_help=True)
+runs_app = typer.Typer(help="Inspect and control runs.", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the history database.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(db_app, name="db")
@@ -674,7 +674,7 @@ def runs_retry(
                 if "step" in reply:
                     typer.echo(
                         f"run {reply['run_id']} is {reply['status']}: step {reply['step']} "
-                        f"runs again as attempt {reply['attempt']}"
+                        f"runs again as attempt {reply['attempt']}, the first of a new series"
                     )
                 else:
                     typer.echo(f"run {reply['run_id']} is {reply['status']} after a replay")

@@ -109,10 +109,10 @@ def _log_reconnects(
     lost_at: list[float] = []
 
     def on_close(_connection: Any, error: BaseException | None) -> None:
-        if connection.is_closed or isinstance(error, asyncio.CancelledError):
-            return  # closed by this process
+        if error is None or connection.is_closed or isinstance(error, asyncio.CancelledError):
+            return  # closed by this process: a lost connection comes with its error
         lost_at[:] = [time.monotonic()]
-        reason = "closed" if error is None else redact_url(describe(error))
+        reason = redact_url(describe(error))
         log.warning("amqp_connection_lost", url=url, error=reason)
 
     def on_reconnect(_connection: Any) -> None:

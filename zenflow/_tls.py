@@ -163,7 +163,7 @@ def parse(url: str) -> BrokerAddress:
     if parts.scheme != "amqps":
         if found:
             raise ConfigurationError(
-                f"the AMQP URL parameters {', '.join(sorted(found))} configure TLS: use an "
+                f"the TLS parameters {', '.join(sorted(found))} of the AMQP URL need an "
                 "amqps:// URL (RabbitMQ's TLS port is 5671 by default)"
             )
         return BrokerAddress(library_url, None)

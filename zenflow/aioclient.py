@@ -252,7 +252,8 @@ class AsyncClient:
         self, run: str, *, by: str | None = None, timeout: float = DEFAULT_REPLY_TIMEOUT
     ) -> dict[str, Any]:
         """Run a failed run again from where it failed; see :meth:`zenflow.Client.retry`."""
-        return await self._call(build_control("retry", run, by, None), timeout, _persistent())
+        body = build_control("retry", run, by, None)
+        return await self._call(body, timeout, _persistent(), resend=False)
 
     async def get_run(
         self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0

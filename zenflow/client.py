@@ -309,7 +309,9 @@ class Client:
             RequestRejected: the run has not failed (code ``invalid_state``), or another
                 active run has its business id (code ``business_id_taken``).
         """
-        return self._call(build_control("retry", run, by, None), timeout, _persistent())
+        return self._call(
+            build_control("retry", run, by, None), timeout, _persistent(), resend=False
+        )
 
     def get_run(
         self, run_id: str | None = None, *, business_id: str | None = None, timeout: float = 30.0

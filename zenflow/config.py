@@ -54,8 +54,9 @@ class Settings:
         problem = _amqp_url_problem(self.amqp_url)
         if problem is not None:
             raise ConfigurationError(
-                f"invalid AMQP URL {redact_url(self.amqp_url)!r}: {problem}, for example "
-                "amqp://localhost:5672/ or amqp://user@rabbitmq.internal:5672/vhost"
+                f"invalid AMQP URL {redact_url(self.amqp_url)!r}: {problem}. Examples: "
+                "amqp://localhost:5672/, amqp://user@rabbitmq.internal:5672/vhost, "
+                "amqps://user@rabbitmq.internal:5671/?cafile=/etc/ssl/rabbitmq-ca.pem"
             )
 
     @classmethod

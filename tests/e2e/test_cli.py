@@ -128,7 +128,7 @@ HELP_PAGES: dict[tuple[str, ...], dict[str, str]] = {
         "engine": "Run the engine",
         "agent": "Run an agent",
         "start": "Start a run of WORKFLOW",
-        "runs": "Inspect runs and their history.",
+        "runs": "Inspect and control runs.",
         "db": "Manage the history database.",
     },
     ("engine",): {

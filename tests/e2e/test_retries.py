@@ -257,7 +257,7 @@ def test_manual_retry_continues_from_the_failed_step_with_a_fresh_attempt_count(
     # Still locked: the retry gets the policy's two attempts again, then fails again.
     retried = cluster.zenflow("runs", "retry", run_id)
     assert retried.returncode == 0, retried.stderr
-    assert "step 1 runs again as attempt 3" in retried.stdout
+    assert "step 1 runs again as attempt 3, the first of a new series" in retried.stdout
     wait_until(lambda: count_kind(cluster, run_id, "run_failed") == 2, 20)
     assert [attempt for _, attempt in starts(trace)] == [1, 2, 3, 4]
 

@@ -60,7 +60,7 @@ def test_verify_false_checks_nothing() -> None:
 
 
 INVALID = {
-    "tls on amqp": ("amqp://127.0.0.1/?cafile=ca.pem", "use an amqps:// URL"),
+    "tls on amqp": ("amqp://127.0.0.1/?cafile=ca.pem", "need an amqps:// URL"),
     "pika ssl_options": ("amqps://127.0.0.1/?ssl_options=%7B%7D", "'ssl_options' is not supported"),
     "aiormq no_verify_ssl": ("amqps://127.0.0.1/?no_verify_ssl=1", "use verify=false"),
     "capath": ("amqps://127.0.0.1/?capath=%2Fetc", "use cafile"),
@@ -85,7 +85,7 @@ def test_settings_reject_invalid_tls_without_password() -> None:
 
     message = str(failure.value)
     assert "invalid AMQP URL 'amqp://guest:***@127.0.0.1/?certfile=c.pem'" in message
-    assert "use an amqps:// URL" in message
+    assert "need an amqps:// URL" in message
     assert "s3cret" not in message
 
 
