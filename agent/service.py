@@ -51,6 +51,10 @@ from zenflow.task import validate_queue_name
 
 log = structlog.get_logger("agent")
 
+# Threads of sync tasks past their timeout that the agent leaves running before new sync
+# tasks have to wait for a thread.
+ABANDONED_THREADS = 32
+
 # Seconds during which the agent retries a result that RabbitMQ did not confirm (connection
 # lost, nack, no confirm). After that the task message is requeued and runs again.
 RESULT_PUBLISH_TIMEOUT = 30.0
@@ -120,10 +124,12 @@ class AgentService:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish running tasks, publish, and close."""
         self._stop = stop
-        # Twice the concurrency: the thread of a sync task that ran past its timeout may go
-        # on running, and must not keep the next tasks from starting.
+        # The thread of a sync task that ran past its timeout may go on running, and must not
+        # keep the next tasks from starting, so the pool has room for that many such threads.
+        # Threads start only when needed.
         executor = ThreadPoolExecutor(
-            max_workers=2 * self.options.concurrency, thread_name_prefix="agent-task"
+            max_workers=self.options.concurrency + ABANDONED_THREADS,
+            thread_name_prefix="agent-task",
         )
         self.executor = executor
         connection = await _aio.connect(
@@ -559,6 +565,8 @@ def _log_result_retry(error: BaseException, attempt: int) -> None:
 
 
 def _run_sync(definition: TaskDefinition, attempt: RunningAttempt) -> Any:
+    # The timeout counts from here: waiting for a free thread is not running.
+    attempt.started = attempt.last_beat = time.monotonic()
     attempt.call = definition.prepare(attempt.message.args, attempt.message.kwargs)
     return attempt.call()
 

@@ -115,6 +115,7 @@ class RunControl(Transactions):
                     raise RequestError("invalid_state", f"run {run.id} is not paused")
                 run.status = "running"
                 writer.append("run_resumed", error=dump_json(control))
+                retries.start_due_attempts(writer, history, self.topology)
                 execution = self._advance(writer, execution, history, effects)
             effects.reply = {"run_id": run.id, "status": run.status, **effects.reply}
             try:
@@ -142,6 +143,12 @@ class RunControl(Transactions):
         if run.status != "failed":
             raise RequestError(
                 "invalid_state", f"run {run.id} is {run.status}; only a failed run can be retried"
+            )
+        if run.parent_id is not None:
+            raise RequestError(
+                "invalid_state",
+                f"run {run.id} is a child of run {run.parent_id}, which has already received "
+                "its failure; a child run cannot be retried on its own",
             )
         error = json.loads(run.error or "{}")
         step = history.steps.get(error.get("step")) if isinstance(error.get("step"), int) else None

@@ -175,7 +175,7 @@ class Processor(RunControl):
             if step.kind == "task":
                 steps.add_attempt(writer, result, step)
                 stale = _stale_attempt(step, result)
-                if stale is not None and step.outcome is None and run.active:
+                if stale is not None and step.outcome is None and run.status != "killed":
                     effects.ignored = stale
                     writer.append(
                         "result_ignored",
@@ -279,13 +279,17 @@ class Processor(RunControl):
             if not waits.claim_timer(connection, timer.id, timer.fire_at):
                 effects.ignored = "the timer was fired or cancelled meanwhile"
                 return effects
-            if found is None or not found[0].active:
+            if found is None or found[0].status == "killed":
                 effects.ignored = "the run has finished"
                 return effects
             run, execution, history = found
             step = history.steps.get(timer.step)
             if step is None or step.outcome is not None:
                 effects.ignored = f"step {timer.step} already has a result"
+                return effects
+            if not run.active and step.kind != "task":
+                # Only a task's retries and leases outlive the end of its run.
+                effects.ignored = "the run has finished"
                 return effects
             writer = Writer(connection, self.sql, run, self.now(), new=False)
             if step.kind == "task":
@@ -305,11 +309,20 @@ class Processor(RunControl):
 
         Returns whether the workflow should advance.
         """
-        if step.retry_at is not None:
-            retries.start_attempt(writer, step, self.topology)
-            effects.retried = step.attempt
+        if timer.kind == "retry":
+            if step.retry_at is None:
+                effects.ignored = f"attempt {step.attempt} has already started"
+            elif writer.run.status == "paused":
+                # Held until resume, which starts the retries that fell due meanwhile.
+                effects.ignored = "the run is paused; the retry starts at resume"
+            else:
+                retries.start_attempt(writer, step, self.topology)
+                effects.retried = step.attempt
             return False
         detail = json.loads(timer.detail) if timer.detail else {}
+        if step.retry_at is not None or detail.get("attempt", step.attempt) != step.attempt:
+            effects.ignored = "the leased attempt has already ended"
+            return False
         lost = protocol.TaskResult(
             run_id=writer.run.id,
             step=step.step,

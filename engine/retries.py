@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 from engine import steps
-from engine.replay import Step
+from engine.replay import History, Step
 from engine.store import waits
 from engine.store.queries import dump_json
 from engine.writer import Writer
@@ -111,6 +111,17 @@ def start_attempt(
         grouping="manual" if manual else None,
     )
     steps.add_task_message(writer, step, topology)
+
+
+def start_due_attempts(writer: Writer, history: History, topology: protocol.Topology) -> None:
+    """Start the retries that fell due while the run was paused, and cancel their timers."""
+    for step in history.steps.values():
+        due = step.retry_at is not None and step.retry_at <= writer.now
+        if step.kind == "task" and step.outcome is None and due:
+            start_attempt(writer, step, topology)
+            writer.defer(
+                functools.partial(waits.cancel_timer, run_id=writer.run.id, step=step.step)
+            )
 
 
 def lost_attempt(step: Step, detail: dict[str, Any] | None) -> dict[str, Any]:

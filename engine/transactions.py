@@ -248,7 +248,13 @@ class Transactions:
         run = writer.run
         run.waiting_for = None
         if has_timers:
-            writer.defer(functools.partial(waits.cancel_timers, run_id=run.id))
+            # A task's retry or lease goes on after a normal end, for the tasks that the
+            # workflow dispatched or that lost a race. A kill stops everything.
+            writer.defer(
+                functools.partial(
+                    waits.cancel_timers, run_id=run.id, keep_tasks=run.status != "killed"
+                )
+            )
         steps.notify_parent(writer, self.topology)
         effects.finished = view_run(run).to_dict()
 

@@ -82,13 +82,13 @@ def cancel_timer(connection: Connection, *, run_id: str, step: int) -> None:
     )
 
 
-def cancel_timers(connection: Connection, *, run_id: str) -> int:
-    """Cancel every pending timer of a run; return how many."""
-    result = connection.execute(
-        update(TIMERS)
-        .where(TIMERS.c.run_id == run_id, TIMERS.c.status == "pending")
-        .values(status="cancelled")
-    )
+def cancel_timers(connection: Connection, *, run_id: str, keep_tasks: bool = False) -> int:
+    """Cancel the pending timers of a run, but with ``keep_tasks`` not those of its tasks'
+    retries and leases; return how many."""
+    statement = update(TIMERS).where(TIMERS.c.run_id == run_id, TIMERS.c.status == "pending")
+    if keep_tasks:
+        statement = statement.where(TIMERS.c.kind.not_in(("retry", "lease")))
+    result = connection.execute(statement.values(status="cancelled"))
     return int(result.rowcount)
 
 
