@@ -106,8 +106,8 @@ def retry_advice(
 ) -> dict[str, Any]:
     """Return the retry fields of a failed result: non-retryable, or the hook's delay.
 
-    The hook is user code; if it fails or returns something else than a ``timedelta``, a
-    number of seconds or ``None``, the policy decides and a warning says why.
+    The hook is user code. If it fails or returns something else than a ``timedelta``, a
+    number of seconds or ``None``, the policy decides and a warning is logged.
     """
     names = (attempt.message.retry or {}).get("non_retryable") or ()
     if not isinstance(names, list | tuple):
@@ -153,29 +153,34 @@ class Prefetch:
         self.concurrency = concurrency
         self.consume = consume
         self.cancel = cancel
-        self.held = 0
+        self.handed_over = 0
         self.paused = False
+
+    def free_slots(self) -> int:
+        """Return how many attempts the agent may start: those not handed over."""
+        return self.concurrency - self.handed_over
 
     async def hold(self) -> None:
         """Take a slot for a handed-over attempt, before its delivery is acknowledged."""
-        self.held += 1
-        free = self.concurrency - self.held
-        if free >= 1:
-            await self.channel.set_qos(prefetch_count=free, global_=True)
+        self.handed_over += 1
+        if self.free_slots() >= 1:
+            await self.channel.set_qos(prefetch_count=self.free_slots(), global_=True)
         elif not self.paused:
             self.paused = True
             await self.cancel()
-            log.info("consuming_paused", handed_over=self.held)
+            log.info("consuming_paused", handed_over=self.handed_over)
 
     async def release(self) -> None:
         """Give the slot back once the handed-over attempt has ended."""
-        self.held -= 1
+        self.handed_over -= 1
         with contextlib.suppress(*_aio.CONNECTION_ERRORS):
-            await self.channel.set_qos(prefetch_count=self.concurrency - self.held, global_=True)
+            await self.channel.set_qos(
+                prefetch_count=self.concurrency - self.handed_over, global_=True
+            )
             if self.paused:
                 self.paused = False
                 await self.consume()
-                log.info("consuming_resumed", handed_over=self.held)
+                log.info("consuming_resumed", handed_over=self.handed_over)
 
 
 def _seconds(value: float) -> str:

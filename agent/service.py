@@ -68,7 +68,7 @@ class AgentOptions:
     queues: tuple[str, ...] = ()  # empty: every queue of the registered tasks
     concurrency: int = 8
     # Seconds after which a running attempt is handed over to the engine's lease, and the
-    # lease that each heartbeat asks for.
+    # lease that each heartbeat requests.
     ack_after: float = 60.0
     lease: float = 30.0
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
@@ -160,7 +160,7 @@ class AgentService:
 
             self.prefetch = Prefetch(consume_channel, self.options.concurrency, consume, cancel)
             prefetch = self.prefetch
-            self.deliveries.current_prefetch = lambda: max(1, prefetch.concurrency - prefetch.held)
+            self.deliveries.current_prefetch = lambda: max(1, prefetch.free_slots())
             await consume()
             served = set(self.registry.queues())
             for name in self.queues:

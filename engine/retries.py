@@ -6,8 +6,8 @@ must not be retried, or the delay that the task's ``retry_delay`` hook chose). A
 durable timer of kind ``retry``; when it fires, :func:`start_attempt` sends the next attempt.
 Only when no retry is left does the failure reach the workflow.
 
-An agent that holds an attempt for long sends heartbeats; each one moves the step's timer of
-kind ``lease`` forward. If the lease runs out, the engine counts the attempt as lost
+An agent that runs an attempt for a long time sends heartbeats, and each one moves the step's
+timer of kind ``lease`` forward. If the lease runs out, the engine counts the attempt as lost
 (``TaskLeaseExpired``) and retries it like any failure, without waiting for RabbitMQ to
 notice a dead agent.
 """

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlparse
 
 import pika
@@ -424,3 +424,22 @@ def wait_for_child_run(cluster: Cluster, parent_id: str) -> str:
         lambda: children_of(cluster, parent_id), 15, message=f"the child run of {parent_id}"
     )
     return str(rows[0][0])
+
+
+class TraceLine(NamedTuple):
+    """One attempt's line in a trace file that a task of tests/apps/failures.py wrote."""
+
+    time: float
+    attempt: int
+    pid: int
+    note: str  # empty at the start of an attempt
+
+
+def read_trace(path: Path) -> list[TraceLine]:
+    """Return the lines of a trace file in the order written; none if it does not exist."""
+    if not path.exists():
+        return []
+    lines = [line.split(" ", 3) for line in path.read_text().splitlines()]
+    return [
+        TraceLine(float(when), int(attempt), int(pid), note) for when, attempt, pid, note in lines
+    ]

@@ -11,7 +11,7 @@ docs/configuration.md documents these parameters:
     Default: the system's trusted authorities.
 ``certfile``, ``keyfile``
     PEM files of the client certificate (with its chain) and its private key, for brokers
-    that require client certificates. ``keyfile`` may be left out when ``certfile`` holds
+    that require client certificates. ``keyfile`` may be left out when ``certfile`` contains
     the key too.
 ``server_name``
     The host name that the broker's certificate must name, also sent as SNI. Default: the

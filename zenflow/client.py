@@ -124,7 +124,7 @@ class Client:
     def _retrying(self, operation: Callable[[Any], T], *, publishing: bool = False) -> T:
         """Run ``operation(channel)`` until it succeeds, reconnecting after a lost
         connection or a publish that RabbitMQ did not confirm. Pass ``publishing=True`` when
-        the operation publishes a request, so that the error says it may have arrived.
+        the operation publishes a request, so that the error states that it may have arrived.
 
         Raises:
             TransportError: ``delivery_timeout`` seconds passed without success.

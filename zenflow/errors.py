@@ -62,7 +62,7 @@ class NonDeterminismError(ZenflowError):
 class NonRetryableError(ZenflowError):
     """Raised by task code for a failure that no retry can fix, such as a declined card.
 
-    The attempt fails and no further attempt runs, whatever the task's retry policy says.
+    The attempt fails and no further attempt runs, whatever the task's retry policy.
     Any exception with a true ``non_retryable`` attribute has the same effect.
     """
 
@@ -73,7 +73,7 @@ class AttemptCancelled(ZenflowError):
     """Raised by :func:`zenflow.heartbeat` in a task attempt that the agent gave up on.
 
     The agent gives up on an attempt that ran past its timeout. An ``async`` task is
-    cancelled at once; a sync task cannot be stopped from outside its thread, so its next
+    cancelled at once. A sync task cannot be stopped from outside its thread, so its next
     ``heartbeat()`` call raises this error to end it.
     """
 

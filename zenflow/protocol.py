@@ -637,10 +637,10 @@ class TaskResult:
 
 @dataclasses.dataclass(frozen=True)
 class TaskHeartbeat:
-    """An agent's word that it still runs a task attempt, sent to the message's ``reply_to``.
+    """An agent's report that it still runs a task attempt, sent to the message's ``reply_to``.
 
     The engine then expects the attempt's result or another heartbeat within ``lease``
-    seconds; after that it counts the attempt as lost and retries it per the step's policy.
+    seconds. After that, it counts the attempt as lost and retries it per the step's policy.
     """
 
     run_id: str
@@ -680,7 +680,7 @@ class TaskHeartbeat:
         )
 
 
-# The longest lease an agent may ask for; a longer one is cut to this.
+# The maximum lease an agent may request; a longer one is cut to this.
 MAX_LEASE_SECONDS = 3600.0
 
 

@@ -47,7 +47,7 @@ class TaskDefinition:
     def retry_hook(self, call: Callable[[], Any] | None) -> Callable[..., Any] | None:
         """Return the task's ``retry_delay(error, attempt)`` hook, if it has one.
 
-        ``call`` is what :meth:`prepare` returned, which holds a class task's instance.
+        ``call`` is what :meth:`prepare` returned, bound to a class task's instance.
         """
         if isinstance(self.target, TaskFunction):
             return self.target.retry_delay

@@ -6,7 +6,7 @@ Without either, a task runs once and its failure reaches the workflow's ``yield`
 
 The engine resolves the policy when the workflow yields the task, records it with the step and
 sends it with every attempt. The agent reports whether an error may be retried (see
-``non_retryable``) and asks the task's ``retry_delay`` hook, if it has one. The engine then
+``non_retryable``) and calls the task's ``retry_delay`` hook, if it has one. The engine then
 decides, and waits for the delay with a durable timer, so a retry that is due while the engine
 is down happens after its restart with the attempt count kept.
 """

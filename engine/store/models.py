@@ -158,7 +158,7 @@ class Timer(Base):
 
     ``kind`` is ``wait`` for a timer step or an event wait's timeout, ``retry`` for the delay
     before a task's next attempt and ``lease`` for the time by which a running attempt must
-    report again; ``detail`` is JSON of the lease's last heartbeat.
+    report again. ``detail`` is JSON of the lease's last heartbeat.
     """
 
     __tablename__ = "timers"

@@ -9,21 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from pathlib import Path
+
+from failures import trace  # tests/apps is on the path of the engine and agents
 
 import zenflow
 from zenflow import Retry, Task, TaskFailed, Workflow, wait, workflow
 
 QUEUE = "adversarial"
-
-
-def trace(path: str, note: str = "") -> int:
-    """Append an attempt to ``path`` and return the number of lines in the file."""
-    context = zenflow.current_task()
-    attempt = context.attempt if context else 0
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(f"{time.time():.6f} {attempt} {os.getpid()} {note}\n")
-    return len(Path(path).read_text(encoding="utf-8").splitlines())
 
 
 class FailsTwiceQuickly(Task):

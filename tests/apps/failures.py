@@ -19,7 +19,7 @@ QUEUE = "failures"
 
 
 def trace(path: str, note: str = "") -> int:
-    """Record an attempt in ``path``; return how many attempts the file holds now."""
+    """Append the current attempt to ``path`` and return the number of lines in the file."""
     context = zenflow.current_task()
     attempt = context.attempt if context else 0
     with open(path, "a", encoding="utf-8") as file:

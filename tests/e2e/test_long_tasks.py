@@ -2,7 +2,7 @@
 
 An agent acknowledges the delivery of an attempt that runs longer than ``--ack-after`` and
 keeps it alive with heartbeats instead. These tests run such attempts with real processes:
-one on an agent that hangs (SIGSTOP, so RabbitMQ sees nothing wrong), and one that runs
+one on an agent that hangs (SIGSTOP, which RabbitMQ does not notice), and one that runs
 several times longer than a lowered ``consumer_timeout``.
 """
 
@@ -23,6 +23,7 @@ from tests.support import (
     Process,
     cluster_of,
     count_kind,
+    read_trace,
     result_of,
     start,
     wait_until,
@@ -33,10 +34,7 @@ pytestmark = pytest.mark.e2e
 
 def executions(path: Path) -> list[tuple[int, int, str]]:
     """Return (attempt, pid, note) of each line of a trace file."""
-    if not path.exists():
-        return []
-    lines = [line.split(" ", 3) for line in path.read_text().splitlines()]
-    return [(int(attempt), int(pid), note) for _, attempt, pid, note in lines]
+    return [(line.attempt, line.pid, line.note) for line in read_trace(path)]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -48,9 +46,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, rabbitmq: str) -> It
         yield running
 
 
-def test_an_attempt_on_a_hung_agent_is_retried_when_its_lease_runs_out(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_hung_agent_lease_expires(cluster: Cluster, tmp_path: Path) -> None:
     # One slot, handed over: the hung agent takes no further message, such as attempt 2.
     hung = cluster.start_agent("--ack-after", "0.5", "--lease", "2", "--concurrency", "1")
     trace = tmp_path / "long.trace"
@@ -58,7 +54,7 @@ def test_an_attempt_on_a_hung_agent_is_retried_when_its_lease_runs_out(
     hung.wait_for_log("task_handed_over")
     hung.popen.send_signal(signal.SIGSTOP)
     try:
-        # RabbitMQ keeps the hung agent's connection; only the lease tells the engine.
+        # RabbitMQ keeps the hung agent's connection, so only the lease's expiry reveals it.
         healthy = cluster.start_agent("--ack-after", "0.5", "--lease", "2")
         result = result_of(cluster, run_id, timeout=30)
     finally:
@@ -69,7 +65,8 @@ def test_an_attempt_on_a_hung_agent_is_retried_when_its_lease_runs_out(
     failed = cluster.database.scalar(
         "SELECT error FROM attempts WHERE run_id = :id AND attempt = 1", id=run_id
     )
-    assert "TaskLeaseExpired" in failed and "stopped sending heartbeats" in failed
+    assert "TaskLeaseExpired" in failed
+    assert "stopped sending heartbeats" in failed
     # The hung agent wakes up, finishes attempt 1 and reports it; the engine ignores it.
     wait_until(lambda: count_kind(cluster, run_id, "result_ignored") == 1, 20)
     assert cluster.database.results_per_step(run_id) == {1: 1}
@@ -109,9 +106,7 @@ def run_long_task(cluster: Cluster, trace: Path, *agent_options: str) -> tuple[P
 
 @pytest.mark.serial
 @pytest.mark.slow
-def test_a_task_three_times_longer_than_the_ack_timeout_runs_once(
-    tmp_path: Path, rabbitmq: str
-) -> None:
+def test_task_past_ack_timeout_runs_once(tmp_path: Path, rabbitmq: str) -> None:
     with cluster_of(tmp_path, "sqlite", "failures") as cluster, short_consumer_timeout():
         cluster.start_engine()
         trace = tmp_path / "once.trace"
@@ -127,9 +122,7 @@ def test_a_task_three_times_longer_than_the_ack_timeout_runs_once(
 
 @pytest.mark.serial
 @pytest.mark.slow
-def test_without_the_hand_over_the_broker_takes_the_task_back(
-    tmp_path: Path, rabbitmq: str
-) -> None:
+def test_no_hand_over_means_redelivery(tmp_path: Path, rabbitmq: str) -> None:
     """The control case: it shows that the lowered timeout is in force during these tests."""
     with cluster_of(tmp_path, "sqlite", "failures") as cluster, short_consumer_timeout():
         cluster.start_engine()

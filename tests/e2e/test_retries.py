@@ -1,7 +1,7 @@
 """Retry policies, timeouts, heartbeats and manual retry, end to end.
 
 Each task of the ``failures`` app appends a line to a trace file at the start of every
-attempt, so these tests count executions from outside the store, then check the store:
+attempt, so these tests count executions from outside the store. They then check the store:
 the attempts table, the history and the one result per step.
 """
 
@@ -21,6 +21,7 @@ from tests.support import (
     count_kind,
     history_kinds,
     queue_depth,
+    read_trace,
     result_of,
     start,
     utc,
@@ -47,10 +48,7 @@ def cluster(
 
 def executions(path: Path) -> list[tuple[float, int, str]]:
     """Return (time, attempt, note) of each line of a trace file."""
-    if not path.exists():
-        return []
-    lines = [line.split(" ", 3) for line in path.read_text().splitlines()]
-    return [(float(when), int(attempt), note) for when, attempt, _pid, note in lines]
+    return [(line.time, line.attempt, line.note) for line in read_trace(path)]
 
 
 def starts(path: Path) -> list[tuple[float, int]]:
@@ -74,9 +72,7 @@ def assert_one_result_per_step(cluster: Cluster, run_id: str) -> None:
 # Retry policies.
 
 
-def test_retries_wait_the_backoff_delays_and_stop_after_the_last_attempt(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_backoff_delays_then_final_failure(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "always.trace"
     run_id = start(cluster, "attempt", "AlwaysFails", str(trace))
 
@@ -101,9 +97,7 @@ def test_retries_wait_the_backoff_delays_and_stop_after_the_last_attempt(
     assert_one_result_per_step(cluster, run_id)
 
 
-def test_runs_show_lists_each_attempt_its_error_and_the_delay(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_runs_show_lists_attempts(cluster: Cluster, tmp_path: Path) -> None:
     run_id = start(cluster, "attempt", "FlakyTwice", str(tmp_path / "show.trace"))
     result_of(cluster, run_id)
 
@@ -113,13 +107,14 @@ def test_runs_show_lists_each_attempt_its_error_and_the_delay(
     lines = shown.stdout.splitlines()
     failed = [line for line in lines if "failed: FlakyTwice: ConnectionError" in line]
     assert len(failed) == 2
-    assert "attempt 1 failed" in failed[0] and "flaky failure number 1" in failed[0]
+    assert "attempt 1 failed" in failed[0]
+    assert "flaky failure number 1" in failed[0]
     assert "retry in 200 ms" in failed[0]
     assert any("step 1 attempt 2 sent for FlakyTwice" in line for line in lines)
     assert any("completed  FlakyTwice" in line and "attempt 3" in line for line in lines)
 
 
-def test_a_task_whose_queue_has_no_agent_waits_durably_and_says_where(
+def test_unconsumed_queue_waits_durably(
     cluster: Cluster,
 ) -> None:
     run_id = start(cluster, "attempt", "Unheard")
@@ -134,7 +129,7 @@ def test_a_task_whose_queue_has_no_agent_waits_durably_and_says_where(
     assert result_of(cluster, run_id) == {"value": "heard at last"}
 
 
-def test_a_flaky_task_succeeds_at_its_third_attempt(cluster: Cluster, tmp_path: Path) -> None:
+def test_flaky_task_succeeds_third_attempt(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "flaky.trace"
     run_id = start(cluster, "attempt", "FlakyTwice", str(trace))
 
@@ -149,9 +144,7 @@ def test_a_flaky_task_succeeds_at_its_third_attempt(cluster: Cluster, tmp_path: 
 
 
 @pytest.mark.parametrize("kind", ["Declined", "BadInput"])
-def test_a_non_retryable_error_fails_the_step_at_its_first_attempt(
-    cluster: Cluster, tmp_path: Path, kind: str
-) -> None:
+def test_non_retryable_error_not_retried(cluster: Cluster, tmp_path: Path, kind: str) -> None:
     trace = tmp_path / f"{kind}.trace"
     run_id = start(cluster, "attempt", kind, str(trace))
 
@@ -163,9 +156,7 @@ def test_a_non_retryable_error_fails_the_step_at_its_first_attempt(
     assert_one_result_per_step(cluster, run_id)
 
 
-def test_the_task_decides_its_retry_delay_and_when_to_stop(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_task_decides_retry_delay(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "decides.trace"
     run_id = start(cluster, "attempt", "DecidesItsDelay", str(trace))
 
@@ -177,9 +168,7 @@ def test_the_task_decides_its_retry_delay_and_when_to_stop(
     assert_one_result_per_step(cluster, run_id)
 
 
-def test_a_retry_due_while_the_engine_is_down_runs_after_its_restart(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_retry_due_during_engine_downtime(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "down.trace"
     run_id = start(cluster, "attempt", "AlwaysFails", str(trace))
     wait_for_kind(cluster, run_id, "task_retry_scheduled")
@@ -197,8 +186,8 @@ def test_a_retry_due_while_the_engine_is_down_runs_after_its_restart(
     cluster.start_engine()
 
     assert result_of(cluster, run_id, timeout=40)["error"] == "RuntimeError"
-    # The restarted engine may publish the first attempt's message again, from an outbox row
-    # that the killed engine had not yet cleared; that execution's result is ignored.
+    # The restarted engine may publish the first attempt's message again, because the killed
+    # engine had not yet cleared its outbox row. The result of that execution is ignored.
     assert sorted({attempt for _, attempt in starts(trace)}) == [1, 2, 3, 4]
     assert [row["attempt"] for row in attempt_rows(cluster, run_id)] == [1, 2, 3, 4]
     assert_one_result_per_step(cluster, run_id)
@@ -207,9 +196,7 @@ def test_a_retry_due_while_the_engine_is_down_runs_after_its_restart(
 # Timeouts and heartbeats.
 
 
-def test_an_async_task_past_its_timeout_is_cancelled_and_retried(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_async_timeout_cancels_and_retries(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "slow-async.trace"
     run_id = start(cluster, "attempt", "SlowAsync", str(trace))
 
@@ -222,9 +209,7 @@ def test_an_async_task_past_its_timeout_is_cancelled_and_retried(
     assert_one_result_per_step(cluster, run_id)
 
 
-def test_a_sync_task_past_its_timeout_stops_at_its_next_heartbeat(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_sync_timeout_stops_at_heartbeat(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "slow-sync.trace"
     run_id = start(cluster, "attempt", "SlowSync", str(trace))
 
@@ -232,7 +217,7 @@ def test_a_sync_task_past_its_timeout_stops_at_its_next_heartbeat(
     wait_until(lambda: executions(trace)[-1][2] == "cancelled", 10)
 
 
-def test_a_task_that_stops_sending_heartbeats_fails(cluster: Cluster, tmp_path: Path) -> None:
+def test_missing_heartbeat_fails_attempt(cluster: Cluster, tmp_path: Path) -> None:
     trace = tmp_path / "silent.trace"
     run_id = start(cluster, "attempt", "Silent", str(trace))
 
@@ -245,9 +230,7 @@ def test_a_task_that_stops_sending_heartbeats_fails(cluster: Cluster, tmp_path: 
 # Manual retry.
 
 
-def test_manual_retry_continues_from_the_failed_step_with_a_fresh_attempt_count(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_manual_retry_resumes_failed_step(cluster: Cluster, tmp_path: Path) -> None:
     trace, unlock = tmp_path / "manual.trace", tmp_path / "unlock"
     run_id = start(cluster, "must_succeed", "FailsUntilFile", str(trace), str(unlock))
     with pytest.raises(RunFailed):
@@ -276,7 +259,7 @@ def test_manual_retry_continues_from_the_failed_step_with_a_fresh_attempt_count(
     assert_one_result_per_step(cluster, run_id)
 
 
-def test_retry_of_a_run_that_has_not_failed_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+def test_retry_of_unfailed_run_rejected(cluster: Cluster, tmp_path: Path) -> None:
     run_id = start(cluster, "attempt", "FlakyTwice", str(tmp_path / "ok.trace"))
     result_of(cluster, run_id)
 
@@ -286,9 +269,7 @@ def test_retry_of_a_run_that_has_not_failed_is_refused(cluster: Cluster, tmp_pat
     assert "only a failed run can be retried" in refused.stderr
 
 
-def test_retry_of_all_failed_runs_of_a_workflow_asks_first(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_bulk_retry_asks_first(cluster: Cluster, tmp_path: Path) -> None:
     unlock = tmp_path / "unlock-all"
     runs = [
         start(cluster, "must_succeed", "FailsUntilFile", str(tmp_path / f"{n}.trace"), str(unlock))

@@ -25,6 +25,7 @@ from tests.support import (
     cluster_of,
     count_kind,
     history_kinds,
+    read_trace,
     result_of,
     send,
     start,
@@ -62,12 +63,7 @@ def own_cluster(request: pytest.FixtureRequest, tmp_path: Path, rabbitmq: str) -
         yield running
 
 
-def executions(path: Path) -> list[tuple[float, int, int, str]]:
-    """Return (time, attempt, pid, note) of each line of a trace file."""
-    if not path.exists():
-        return []
-    lines = [line.split(" ", 3) for line in path.read_text().splitlines()]
-    return [(float(when), int(attempt), int(pid), note) for when, attempt, pid, note in lines]
+executions = read_trace
 
 
 def starts(path: Path) -> list[int]:
@@ -331,7 +327,8 @@ def test_retry_of_failed_child_run_refused(cluster: Cluster, tmp_path: Path) -> 
     assert refused_parent.returncode == 1
     assert "child workflow" in refused_parent.stderr
 
-    # The parent has its failure already; a retried child would complete for nobody.
+    # The parent already has the failure, so a retried child would complete with no run
+    # waiting for it.
     unlock.write_text("")
     refused_child = cluster.zenflow("runs", "retry", child)
     assert refused_child.returncode == 1, refused_child.stdout

@@ -405,7 +405,7 @@ def test_agent_reports_task_with_hostile_policy(cluster: Cluster, tmp_path: Path
             lines = engine_of(cluster).log_text().splitlines()
             return any("result_ignored" in line and forged.run_id in line for line in lines)
 
-        # The engine knows no such run, so it logs the agent's result as ignored.
+        # The engine has no such run, so it logs the agent's result as ignored.
         wait_until(forged_result_ignored, 10, message="the agent's result for the forged task")
         run_id = start(cluster, "attempt", "FlakyTwice", str(tmp_path / "after.trace"))
         assert result_of(cluster, run_id, timeout=15) == {"value": "succeeded at attempt 3"}

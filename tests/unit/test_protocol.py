@@ -538,7 +538,7 @@ def test_task_result_fields_cover_body() -> None:
     names = {field.name for field in dataclasses.fields(TaskResult)}
     result = dataclasses.replace(ok_result(), non_retryable=True, retry_decided=True)
     body_keys = set(result.to_body()) - {"version", "type"}
-    # retry_decided is told by the presence of retry_delay.
+    # retry_decided is encoded as the presence of retry_delay.
     assert body_keys == names - {"retry_decided"}
 
 
